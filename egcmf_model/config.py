@@ -1,0 +1,184 @@
+"""Typed, frozen configuration loaded from YAML presets shipped in the package.
+
+A configuration is built in three layers, each naming its source in any error:
+the preset file (``tiny`` or ``paper``), an optional user YAML file, then ``key=value``
+overrides from the command line (``model.width=0.5``). An unknown key or a value of the
+wrong type is a :class:`ConfigError` that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("tiny", "paper")
+VARIANTS = ("unet", "mrcfm", "mrfm", "mrfm+edm", "full", "he")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and its source."""
+
+
+def _choice(*values: str) -> dict[str, tuple[str, ...]]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = field(default="full", metadata=_choice(*VARIANTS))  # Table V ablation; he = H&E only
+    in_size: int = 64  # side H of the 10x input; the 40x ROI is 4H
+    width: float = 0.125  # VGG16 channel multiplier (1.0 = the paper's widths)
+    decoder_width: float = 0.5  # UNet decoder channels relative to the encoder level it joins
+    norm: str = field(default="batch", metadata=_choice("batch", "group"))  # group for DP-SGD
+    heads: int = 2  # heads of the axial cross-attention in MSFFM
+    se_reduction: int = 8  # squeeze ratio of SE and channel-attention blocks
+    window_frac: float = 0.25  # key-region window side / H (128 px at H=512)
+    stride_frac: float = 0.0625  # window search stride / H (H/16)
+    weights: str = ""  # optional local VGG16-BN state_dict to initialise every encoder
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gamma: float = 0.5  # weight of L_edge in L = L_seg + gamma * L_edge (eq. 9)
+    edge_target: str = field(default="boundary", metadata=_choice("boundary", "mask"))
+    edge_band: int = 2  # half-width in 10x pixels of the tumour boundary band
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = field(default="synthetic", metadata=_choice("synthetic", "sites", "bcss"))
+    root: str = ""  # data folder; empty = the cached synthetic set
+    partition: str = field(default="institution", metadata=_choice("iid", "dirichlet", "institution"))
+    alpha: float = 0.5  # Dirichlet concentration for label-skew partitions
+    augment: bool = True  # flips and 90-degree rotations, identical for every modality
+    stain_jitter: float = 0.0  # std of HED stain jitter; 0 disables it
+    synth_sites: int = 5  # synthetic sites generated for the default data set
+    synth_rois_per_site: int = 6  # synthetic ROIs per site
+    synth_seed: int = 0  # seed of the synthetic generator
+    bcss_val_fraction: float = 0.2  # share of non-test BCSS slides held out for validation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2  # epochs of centralised training (local epochs per round in FL)
+    batch_size: int = 2  # as the paper
+    lr: float = 1e-4  # Adam, as the paper
+    weight_decay: float = 0.0
+    seed: int = 0  # drives model init, shuffling and augmentation
+    num_workers: int = 0  # DataLoader workers; 0 keeps runs reproducible and light
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = field(default="tiny", metadata=_choice(*PRESETS))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(
+    preset: str = "tiny",
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> Config:
+    """Build a :class:`Config` from a preset, an optional YAML file and ``key=value`` overrides.
+
+    A user file may name its own base with a top-level ``preset:`` key.
+    """
+    user: dict[str, Any] = {}
+    if path is not None:
+        user = _read_yaml(Path(path))
+        preset = user.get("preset", preset)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    preset_file = resources.files("egcmf_model.presets") / f"{preset}.yaml"
+    cfg = _build(Config, yaml.safe_load(preset_file.read_text()) or {}, f"preset {preset}.yaml")
+    if user:
+        cfg = merge(cfg, user, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        nested: dict[str, Any] = {}
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        cfg = merge(cfg, nested, "the command line")
+    return cfg
+
+
+def merge(obj: Any, updates: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` applied, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in updates.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {name!r}; known: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, source, f"{name}.")
+        else:
+            changes[key] = _check(value, hints[key], fields[key], name, source)
+    return dataclasses.replace(obj, **changes)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Inverse of :func:`to_dict`, with the same checks as a YAML file."""
+    return _build(Config, data, source)
+
+
+def _build(cls: type, data: dict[str, Any], source: str) -> Any:
+    return merge(cls(), data, source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    return data
+
+
+def _check(value: Any, hint: Any, fld: dataclasses.Field, name: str, source: str) -> Any:
+    if isinstance(hint, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        got = type(value).__name__
+        raise ConfigError(f"{source}: {name} must be {hint.__name__}, got {got} {value!r}")
+    choices = fld.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: {name}={value!r} is not one of {', '.join(choices)}")
+    return value
