@@ -32,7 +32,8 @@ def _choice(*values: str) -> dict[str, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    variant: str = field(default="full", metadata=_choice(*VARIANTS))  # Table V ablation; he = H&E only
+    # Table V ablation variant; "he" = the H&E branch alone, for data without CK5/6
+    variant: str = field(default="full", metadata=_choice(*VARIANTS))
     in_size: int = 64  # side H of the 10x input; the 40x ROI is 4H
     width: float = 0.125  # VGG16 channel multiplier (1.0 = the paper's widths)
     decoder_width: float = 0.5  # UNet decoder channels relative to the encoder level it joins
@@ -55,7 +56,9 @@ class LossConfig:
 class DataConfig:
     dataset: str = field(default="synthetic", metadata=_choice("synthetic", "sites", "bcss"))
     root: str = ""  # data folder; empty = the cached synthetic set
-    partition: str = field(default="institution", metadata=_choice("iid", "dirichlet", "institution"))
+    partition: str = field(
+        default="institution", metadata=_choice("iid", "dirichlet", "institution")
+    )  # how a pooled data set is split into virtual sites
     alpha: float = 0.5  # Dirichlet concentration for label-skew partitions
     augment: bool = True  # flips and 90-degree rotations, identical for every modality
     stain_jitter: float = 0.0  # std of HED stain jitter; 0 disables it
@@ -175,7 +178,7 @@ def _check(value: Any, hint: Any, fld: dataclasses.Field, name: str, source: str
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         got = type(value).__name__
         raise ConfigError(f"{source}: {name} must be {hint.__name__}, got {got} {value!r}")
     choices = fld.metadata.get("choices")
