@@ -1,0 +1,124 @@
+"""The torch Dataset every trainer uses: tiles of ROIs with all inputs the network needs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .io import IGNORE_INDEX, DataError, image_size, read_rgb
+from .source import RoiRecord
+from .transforms import (
+    SCALE,
+    augment,
+    edge_input,
+    edge_target,
+    mask_to_10x,
+    normalise_rgb,
+    pad_to,
+    tile_origins,
+    to_10x,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RoiDataset(Dataset):
+    """Tiles of ``4 * in_size`` px at 40x cut from each ROI, padded where an ROI is smaller.
+
+    Each item holds, for a tile of 10x side H = ``in_size``:
+    ``he`` (3, H, W), ``ck56`` (3, H, W), ``edge`` (2, H, W) grayscale + DAB density,
+    ``mask`` (H, W) int64, ``edge_target`` (H, W) float, ``he_40x`` (3, 4H, 4W),
+    ``mask_40x`` (4H, 4W) int64 and ``roi`` (the ROI id, for logs only).
+    H&E-only data (``ck56`` absent) gets zero CK5/6 tensors. ROIs that cannot be read are skipped
+    with a warning naming the file; the run goes on.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[RoiRecord],
+        classes: tuple[str, ...],
+        in_size: int,
+        *,
+        edge_kind: str = "boundary",
+        edge_band: int = 2,
+        augment: bool = False,
+        stain_jitter: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.classes, self.in_size, self.tile = classes, in_size, in_size * SCALE
+        self.edge_kind, self.edge_band = edge_kind, edge_band
+        self.augment, self.stain_jitter = augment, stain_jitter
+        self.rng = np.random.default_rng(seed)
+        self.records = [r for r in records if self._usable(r)]
+        self.tiles = [
+            (i, y, x)
+            for i, r in enumerate(self.records)
+            for y in tile_origins(image_size(r.he)[0], self.tile)
+            for x in tile_origins(image_size(r.he)[1], self.tile)
+        ]
+        self.bad: set[int] = set()
+
+    def _usable(self, record: RoiRecord) -> bool:
+        files = [f for f in (record.he, record.ck56, record.mask) if f is not None]
+        try:
+            sizes = {image_size(f) for f in files}
+        except DataError as exc:
+            log.warning("skipping ROI %s: %s", record.roi_id, exc)
+            return False
+        if len(sizes) > 1:
+            log.warning("skipping ROI %s: sizes of %s differ", record.roi_id,
+                        ", ".join(str(f) for f in files))
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        for offset in range(len(self.tiles)):  # a bad ROI hands over to the next good tile
+            i = (index + offset) % len(self.tiles)
+            if self.tiles[i][0] in self.bad:
+                continue
+            try:
+                return self._load(*self.tiles[i])
+            except DataError as exc:
+                log.warning("skipping ROI %s: %s", self.records[self.tiles[i][0]].roi_id, exc)
+                self.bad.add(self.tiles[i][0])
+        raise DataError("no readable ROI left in this data set")
+
+    def _load(self, i: int, y: int, x: int) -> dict[str, torch.Tensor | str]:
+        record, t = self.records[i], self.tile
+        arrays = {"he": read_rgb(record.he), "mask": record.labels()}
+        if record.ck56 is not None:
+            arrays["ck56"] = read_rgb(record.ck56)
+        # White for RGB, and 255 = IGNORE_INDEX for the mask: one pad value serves both.
+        arrays = {k: pad_to(a[y : y + t, x : x + t], t, IGNORE_INDEX) for k, a in arrays.items()}
+        if self.augment:
+            arrays = augment(arrays, self.rng, self.stain_jitter)
+        return self.sample(arrays, record.roi_id)
+
+    def sample(self, arrays: dict[str, np.ndarray], roi_id: str) -> dict[str, torch.Tensor | str]:
+        """Network inputs and targets from 40x ``he``, ``mask`` and optional ``ck56`` arrays."""
+        he10 = to_10x(arrays["he"])
+        mask10 = mask_to_10x(arrays["mask"])
+        if "ck56" in arrays:
+            ck10 = to_10x(arrays["ck56"])
+            ck, edge = normalise_rgb(ck10), edge_input(ck10)
+        else:
+            ck = np.zeros((3, *mask10.shape), np.float32)
+            edge = np.zeros((2, *mask10.shape), np.float32)
+        target = edge_target(mask10, self.classes, self.edge_kind, self.edge_band)
+        return {
+            "he": torch.from_numpy(normalise_rgb(he10)),
+            "ck56": torch.from_numpy(ck),
+            "edge": torch.from_numpy(edge),
+            "mask": torch.from_numpy(mask10.astype(np.int64)),
+            "edge_target": torch.from_numpy(target),
+            "he_40x": torch.from_numpy(normalise_rgb(arrays["he"])),
+            "mask_40x": torch.from_numpy(arrays["mask"].astype(np.int64)),
+            "roi": roi_id,
+        }
