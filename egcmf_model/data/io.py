@@ -24,7 +24,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Read a single-channel 8-bit label PNG (``L`` or palette ``P`` indices) as ``(H, W) uint8``."""
+    """Read a single-channel 8-bit label PNG (``L``, or ``P`` indices) as ``(H, W) uint8``."""
     image = _open(path)
     if image.mode not in ("L", "P"):
         raise DataError(f"{path}: a mask must be a single-channel 8-bit PNG of class ids, "

@@ -99,7 +99,7 @@ def find_sites(root: Path) -> list[Path]:
 
 
 def estimate_shift(he: np.ndarray, ck56: np.ndarray) -> tuple[float, float]:
-    """``(dy, dx)`` in pixels that registers CK5/6 onto H&E, by phase correlation of haematoxylin."""
+    """``(dy, dx)`` px registering CK5/6 onto H&E, by phase correlation of haematoxylin."""
     factor = max(1, max(he.shape[:2]) // REGISTRATION_SIDE)
     a, b = (_block_mean(haematoxylin_density(x), factor) for x in (he, ck56))
     shift, _, _ = phase_cross_correlation(a, b, normalization=None)

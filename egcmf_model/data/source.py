@@ -19,7 +19,7 @@ from ..config import DataConfig
 from . import bcss
 from .io import DataError, read_mask
 from .sites import find_sites, load_site_meta
-from .synthetic import PAIRED_CLASSES, write_synthetic
+from .synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
 
