@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .commands import add_model_commands
 from .config import ConfigError, load_config
 from .data.io import DataError
 
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one line of JSON last")
     _config_args(p)
     p.set_defaults(func=_cmd_data_summary)
+    add_model_commands(sub, _config_args)
     return parser
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 PRESETS = ("tiny", "paper")
-VARIANTS = ("unet", "mrcfm", "mrfm", "mrfm+edm", "full", "he")
+VARIANTS = ("unet", "mrcfm", "mrfm", "mrfm+edm", "full")
 
 
 class ConfigError(ValueError):
@@ -32,7 +32,7 @@ def _choice(*values: str) -> dict[str, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Table V ablation variant; "he" = the H&E branch alone, for data without CK5/6
+    # Table V ablation variant; mrfm is the H&E branch alone, for data without CK5/6
     variant: str = field(default="full", metadata=_choice(*VARIANTS))
     in_size: int = 64  # side H of the 10x input; the 40x ROI is 4H
     width: float = 0.125  # VGG16 channel multiplier (1.0 = the paper's widths)

@@ -1,0 +1,101 @@
+"""Small building blocks shared by every branch. No in-place activations (Opacus-safe)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, or GroupNorm (DP-SGD compatible) with up to 32 groups that divide ``channels``."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (no bias) -> norm -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, norm: str = "batch") -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+            make_norm(norm, cout),
+            nn.ReLU(inplace=False),
+        )
+
+
+class SqueezeExcitation(nn.Module):
+    """SE block (Hu et al.): channel gates from global average pooling."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> same shape, channels reweighted."""
+        gate = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
+class ChannelAttention(nn.Module):
+    """CBAM channel attention: a shared MLP on average- and max-pooled descriptors."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=False),
+                                 nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> same shape, channels reweighted."""
+        avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
+        peak = self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        return x * torch.sigmoid(avg + peak)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention: a 7x7 conv on channel-average and channel-max maps."""
+
+    def __init__(self, kernel: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> same shape, positions reweighted."""
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class AttentionGate(nn.Module):
+    """Spatial gate computed from the features themselves: highlights e.g. lesion rims."""
+
+    def __init__(self, channels: int, reduction: int = 4, norm: str = "batch") -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 1, norm), nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> same shape, multiplied by a ``(B, 1, H, W)`` gate in (0, 1)."""
+        return x * torch.sigmoid(self.gate(x))
+
+
+class DepthwiseSeparableConv(nn.Sequential):
+    """3x3 depthwise then 1x1 pointwise conv, norm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "batch") -> None:
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            make_norm(norm, cout),
+            nn.ReLU(inplace=False),
+        )
+
+
+def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of ``x`` to the spatial size of ``like``."""
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,0 +1,108 @@
+"""Model set-up and one-epoch train / evaluate loops, shared by centralised and federated runs."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .data.transforms import tumour_ids
+from .losses import EGCMFLoss
+from .metrics import SegmentationMetrics
+from .network import EGCMF
+
+log = logging.getLogger(__name__)
+INPUTS = ("he", "he_40x", "ck56", "edge")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is visible; use cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch, numpy's legacy global and ``random`` (third-party code may use them);
+    return a generator for data shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)  # libraries outside our control read the global state
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_model(cfg: ModelConfig, classes: Sequence[str]) -> EGCMF:
+    """The network for ``classes``; loads a local VGG16-BN state dict into every encoder if set."""
+    model = EGCMF(cfg, len(classes), tumour_ids(tuple(classes)) or [len(classes) - 1])
+    if cfg.weights:
+        for module in model.modules():
+            if hasattr(module, "load_vgg_weights"):
+                module.load_vgg_weights(cfg.weights)
+    return model
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def forward(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return model(**{k: batch[k] for k in INPUTS})
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    loss_fn: EGCMFLoss,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    progress: str | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each loss term and ``num-examples``."""
+    model.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+        batch = to_device(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = loss_fn(forward(model, batch), batch)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        optimizer.step()
+        n = batch["he"].shape[0]
+        seen += n
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+    means = {key: value / max(seen, 1) for key, value in sums.items()}
+    return {**means, "num-examples": seen}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    classes: Sequence[str],
+    device: torch.device,
+    loss_fn: EGCMFLoss,
+) -> dict[str, Any]:
+    """The paper's metrics on ``loader`` plus the mean loss and ``num-examples``."""
+    model.eval()
+    metrics = SegmentationMetrics(classes)
+    loss_sum, seen = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        out = forward(model, batch)
+        loss_sum += loss_fn(out, batch)[1]["loss"] * batch["he"].shape[0]
+        seen += batch["he"].shape[0]
+        metrics.update(out["logits"], batch["mask"])
+    return {**metrics.aggregate(), "loss": loss_sum / max(seen, 1), "num-examples": seen}

@@ -1,0 +1,102 @@
+"""Centralised training as the paper: Adam, cosine annealing, batch 2; checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_model, save_checkpoint
+from .config import Config
+from .data.dataset import RoiDataset
+from .data.source import DataSource, RoiRecord, open_source
+from .engine import build_model, evaluate, pick_device, seed_everything, train_epoch
+from .losses import EGCMFLoss
+
+log = logging.getLogger(__name__)
+
+
+def make_loader(records: Sequence[RoiRecord], classes: tuple[str, ...], cfg: Config, train: bool,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """DataLoader of :class:`RoiDataset` tiles; shuffled and augmented when ``train``."""
+    dataset = RoiDataset(records, classes, cfg.model.in_size, edge_kind=cfg.loss.edge_target,
+                         edge_band=cfg.loss.edge_band, augment=train and cfg.data.augment,
+                         stain_jitter=cfg.data.stain_jitter, seed=cfg.train.seed)
+    if not len(dataset):
+        raise ValueError(f"no usable ROI for {'training' if train else 'evaluation'}")
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=train,
+                      generator=generator, num_workers=cfg.train.num_workers,
+                      drop_last=train and len(dataset) > cfg.train.batch_size)
+
+
+def open_data(cfg: Config) -> DataSource:
+    """The configured data set, checking that the variant fits it (CK5/6 or H&E only)."""
+    source = open_source(cfg.data, 4 * cfg.model.in_size)
+    from .network import needs_ck56
+
+    if needs_ck56(cfg.model.variant) and not source.has_ck56:
+        raise ValueError(f"variant {cfg.model.variant} needs CK5/6 images, which "
+                         f"{source.dataset} data lacks; use --variant mrfm (the H&E branch)")
+    return source
+
+
+def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None = None
+        ) -> dict[str, Any]:
+    """Train on the pooled train split, validate each epoch, keep ``last.pt`` and ``best.pt``."""
+    source = source or open_data(cfg)
+    device = pick_device(cfg.train.device)
+    generator = seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, source.classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    train_loader = make_loader(source.split("train"), source.classes, cfg, True, generator)
+    val_loader = make_loader(source.split("val"), source.classes, cfg, False)
+    loss_fn = EGCMFLoss(cfg.loss.gamma)
+    start, best = 0, float("-inf")
+    if resume and (out / "last.pt").exists():
+        start, best = _restore(out / "last.pt", model, optimizer, scheduler, generator,
+                               train_loader.dataset, device)
+        log.info("resuming after epoch %d (best val Dice %.4f)", start, best)
+    out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start + 1, cfg.train.epochs + 1):
+        stats = train_epoch(model, train_loader, optimizer, device, loss_fn,
+                            progress=f"epoch {epoch}/{cfg.train.epochs}")
+        scheduler.step()
+        val = evaluate(model, val_loader, source.classes, device, loss_fn)
+        line = {"epoch": epoch, "train_loss": stats["loss"], **_scalars(val)}
+        with (out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        log.info("epoch %d  loss %.4f  val dice %.4f  miou %.4f  acc %.4f", epoch, stats["loss"],
+                 val["dice"], val["miou"], val["acc"])
+        improved = val["dice"] > best or epoch == 1
+        best = max(best, val["dice"]) if improved else best
+        state = {"epoch": epoch, "best": best, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                 "data_rng": train_loader.dataset.rng.bit_generator.state, "metrics": line}
+        save_checkpoint(out / "last.pt", model, cfg, source.classes, **state)
+        if improved:
+            save_checkpoint(out / "best.pt", model, cfg, source.classes, **state)
+    return {"best_dice": best, "out": str(out)}
+
+
+def _restore(path: Path, model, optimizer, scheduler, generator, dataset, device
+             ) -> tuple[int, float]:
+    loaded, _, _, payload = load_model(path, device)
+    model.load_state_dict(loaded.state_dict())
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    generator.set_state(payload["generator"])
+    dataset.rng.bit_generator.state = payload["data_rng"]
+    return int(payload["epoch"]), float(payload["best"])
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = {k: metrics[k] for k in ("acc", "dice", "miou", "loss")}
+    keep.update({f"dice_{name}": v["dice"] for name, v in metrics["per_class"].items()})
+    return keep
