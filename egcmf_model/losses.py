@@ -46,7 +46,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class EGCMFLoss:
     """``L_seg = 0.5 Dice(P) + 0.5 CE(P) + 0.5 CE(P_high)``;
     ``L_edge = 0.5 CE(Y_sem) + 0.5 Dice(Y_edge)``; ``L = L_seg + gamma L_edge``.
-    Terms whose outputs a variant does not produce are left out."""
+
+    Where a fusion head makes P (``mrfm+edm``, ``full``), ``0.5 CE(P_aim)`` of the target branch
+    joins L_seg: eq. 7 puts L_aim on the target branch, and Grad-CAM reads its head, which would
+    otherwise never learn. Terms whose outputs a variant does not produce are left out."""
 
     gamma: float = 0.5
 
@@ -59,6 +62,9 @@ class EGCMFLoss:
             high_target = crop_boxes(batch["mask_40x"], out["boxes"], ZOOM)  # (B, H, W) at 40x
             parts["high"] = cross_entropy(out["logits_high"], high_target)
             seg = seg + 0.5 * parts["high"]
+        if "logits_aim" in out:
+            parts["aim"] = cross_entropy(out["logits_aim"], mask)
+            seg = seg + 0.5 * parts["aim"]
         total = seg
         if "sem" in out:
             valid = (mask != IGNORE_INDEX).to(out["edge"].dtype)

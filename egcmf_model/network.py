@@ -71,7 +71,8 @@ class EGCMF(nn.Module):
         Returns:
             ``logits`` P ``(B, K, H, W)``, ``cam`` ``(B, H, W)``; with a detail branch also
             ``boxes`` ``(B, 4)`` (10x px) and ``logits_high`` ``(B, K, H, W)``; with the CK5/6
-            branch ``sem`` ``(B, K, H, W)`` and ``edge`` ``(B, 1, H, W)``.
+            branch ``sem`` ``(B, K, H, W)``, ``edge`` ``(B, 1, H, W)`` and ``logits_aim``
+            ``(B, K, H, W)``, the target branch's prediction before fusion.
         """
         self._check(he, he_40x, ck56, edge)
         out = self.he_branch(he, he_40x)
@@ -80,6 +81,7 @@ class EGCMF(nn.Module):
             return out
         ck = self.ck56_branch(ck56, edge)
         edge_levels = ck.pop("edge_levels")
+        out["logits_aim"] = out["logits"]  # the target branch's own P_aim, which Grad-CAM reads
         if self.cfg.variant == "full":
             out["logits"] = self.fusion(levels, edge_levels)
         else:
