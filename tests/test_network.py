@@ -156,8 +156,9 @@ def _naive_axial(module: AxialCrossAttention, q_src: torch.Tensor, kv: torch.Ten
 
 def test_axial_cross_attention_equals_naive_reference() -> None:
     torch.manual_seed(0)
-    module = AxialCrossAttention(channels=8, heads=2)
-    q, kv = torch.randn(2, 8, 5, 7), torch.randn(2, 8, 5, 7)
+    module = AxialCrossAttention(channels=32, heads=2)
+    assert module.heads == 2  # two heads of 16 channels
+    q, kv = torch.randn(2, 32, 5, 7), torch.randn(2, 32, 5, 7)
     assert torch.allclose(module(q, kv), _naive_axial(module, q, kv), atol=1e-5)
 
 

@@ -1,0 +1,98 @@
+"""Train-step time of the `full` network vs the sum of its four VGG-UNets trained alone.
+
+The fusion modules (MRFM, EDFM, MSFFM), Grad-CAM and the second decoder pass should add no more
+than 30 % to the cost of the four encoder-decoders themselves (issue: network, benchmarks).
+
+    python bench/fusion_overhead.py --preset tiny --size 128 --device cpu --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from egcmf_model.config import load_config
+from egcmf_model.engine import build_model, forward, pick_device
+from egcmf_model.losses import EGCMFLoss
+from egcmf_model.vgg_unet import VGGUNet
+
+CLASSES = ("background", "in_situ", "invasive")
+
+
+def batch_of(size: int, device: torch.device, b: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    return {"he": r(b, 3, size, size), "he_40x": r(b, 3, 4 * size, 4 * size),
+            "ck56": r(b, 3, size, size), "edge": r(b, 2, size, size),
+            "mask": torch.randint(0, 3, (b, size, size), generator=g).to(device),
+            "mask_40x": torch.randint(0, 3, (b, 4 * size, 4 * size), generator=g).to(device),
+            "edge_target": torch.randint(0, 2, (b, size, size), generator=g).float().to(device)}
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    step()  # warm-up (allocations, cuDNN autotuning)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def train_step(model, optimizer, loss_of):
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(model).backward()
+        optimizer.step()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--size", type=int, help="10x input side (default: the preset's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    cfg = load_config(args.preset).model
+    cfg = dataclasses.replace(cfg, in_size=args.size or cfg.in_size, variant="full")
+    device = pick_device(args.device)
+    batch = batch_of(cfg.in_size, device)
+    full = build_model(cfg, CLASSES).to(device).train()
+    loss_fn = EGCMFLoss(0.5)
+    t_full = timed(train_step(full, torch.optim.Adam(full.parameters()),
+                              lambda m: loss_fn(forward(m, batch), batch)[0]), args.steps, device)
+    alone = {"target": ("he", 3, "mask"), "detail": ("he", 3, "mask"),
+             "ck56_semantic": ("ck56", 3, "mask"), "ck56_edge": ("edge", 2, None)}
+    times = {}
+    for name, (key, cin, target) in alone.items():
+        unet = VGGUNet(cin, 3 if target else 1, cfg.width, cfg.decoder_width, cfg.norm)
+        unet = unet.to(device).train()
+
+        def loss_of(m, key=key, target=target):
+            logits = m(batch[key])[0]
+            if target:
+                return F.cross_entropy(logits, batch[target])
+            return F.binary_cross_entropy_with_logits(logits[:, 0], batch["edge_target"])
+
+        times[name] = timed(train_step(unet, torch.optim.Adam(unet.parameters()), loss_of),
+                            args.steps, device)
+    total = sum(times.values())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    print(json.dumps({"preset": args.preset, "size": cfg.in_size, "device": name, "batch": 2,
+                      "full_step_s": round(t_full, 4), "unets_alone_s": {k: round(v, 4) for k, v
+                                                                          in times.items()},
+                      "sum_unets_s": round(total, 4), "overhead": round(t_full / total - 1, 3),
+                      "peak_gpu_gib": peak and round(peak, 2)}))
+
+
+if __name__ == "__main__":
+    main()
