@@ -55,6 +55,8 @@ class LossConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = field(default="synthetic", metadata=_choice("synthetic", "sites", "bcss"))
+    # the federation's classes; every site's site.yaml must list the same
+    classes: tuple[str, ...] = ("background", "in_situ", "invasive")
     root: str = ""  # data folder; empty = the cached synthetic set
     partition: str = field(
         default="institution", metadata=_choice("iid", "dirichlet", "institution")
@@ -146,8 +148,13 @@ def merge(obj: Any, updates: dict[str, Any], source: str, prefix: str = "") -> A
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (for YAML dumps and checkpoints)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config (for YAML dumps and checkpoints); tuples become lists."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {
+        k: list(v) if isinstance(v, tuple) else v for k, v in items})
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
@@ -176,6 +183,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _check(value: Any, hint: Any, fld: dataclasses.Field, name: str, source: str) -> Any:
     if isinstance(hint, types.UnionType):
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {name} must be a list of strings, got {value!r}")
+        return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):

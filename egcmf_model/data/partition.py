@@ -57,7 +57,7 @@ def _by_institution(pool: Sequence[RoiRecord], clients: int | None) -> dict[str,
     by_site: dict[str, list[RoiRecord]] = defaultdict(list)
     for record in pool:
         by_site[record.site].append(record)
-    if clients is None:
+    if clients is None or clients == len(by_site):  # one site per institution, by its name
         return {site: sorted(rs, key=_key) for site, rs in sorted(by_site.items())}
     if clients > len(by_site):
         raise ValueError(f"{clients} sites but only {len(by_site)} institutions; whole "

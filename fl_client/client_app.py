@@ -1,0 +1,69 @@
+"""The hospital's ClientApp: unpack the Message, call a plain function, pack the reply.
+
+Replies hold the model weights, scalar metrics (with ``num-examples``) and the site's name:
+never an image, a mask, a path or an ROI id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from egcmf_model.config import Config, from_dict
+from egcmf_model.engine import build_model, pick_device
+
+from .site import SiteData, resolve_site
+from .train import local_evaluate, local_train, round_seed
+
+log = logging.getLogger(__name__)
+
+
+def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
+    """The ClientApp; ``defaults`` (simulation only) points at the partition file."""
+    app = ClientApp()
+    fixed = dict(defaults or {})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, site, model, device = _setup(msg, context, fixed)
+        seed = round_seed(cfg.train.seed, int(msg.content["config"]["server-round"]), site.name)
+        metrics = local_train(model, site.train, site.classes, cfg, device, seed)
+        return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, site, model, device = _setup(msg, context, fixed)
+        return _reply(msg, site, local_evaluate(model, site.val, site.classes, cfg, device))
+
+    return app
+
+
+def _setup(msg: Message, context: Context, defaults: dict[str, Any]
+           ) -> tuple[Config, SiteData, torch.nn.Module, torch.device]:
+    node = dict(context.node_config)
+    cfg = from_dict(yaml.safe_load(str(msg.content["config"]["egcmf-config"])), "server config")
+    site = resolve_site(node, defaults)
+    if tuple(cfg.data.classes) != site.classes:
+        raise ValueError(f"site {site.name}: classes {list(site.classes)} differ from the "
+                         f"federation's {list(cfg.data.classes)}")
+    device = pick_device(str(node.get("device", defaults.get("device", "auto"))))
+    torch.set_num_threads(int(defaults.get("threads", torch.get_num_threads())))
+    model = build_model(cfg.model, site.classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, site, model.to(device), device
+
+
+def _reply(msg: Message, site: SiteData, metrics: dict[str, Any],
+           arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+app = make_client_app()

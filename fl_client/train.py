@@ -1,0 +1,65 @@
+"""What a hospital does with the global model: train it locally, or evaluate it, on its own data.
+
+Plain functions over the model package; the ClientApp only translates Messages to and from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from egcmf_model.config import Config
+from egcmf_model.data.source import RoiRecord
+from egcmf_model.engine import evaluate, train_epoch
+from egcmf_model.losses import EGCMFLoss
+from egcmf_model.trainer import make_loader
+
+log = logging.getLogger(__name__)
+
+
+def round_seed(seed: int, server_round: int, site: str) -> int:
+    """A seed for this site and round, the same on every machine and in every run."""
+    return int(np.random.SeedSequence([seed, server_round, zlib.crc32(site.encode())])
+               .generate_state(1)[0])
+
+
+def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
+                cfg: Config, device: torch.device, seed: int) -> dict[str, float]:
+    """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    cfg_seeded = _with_seed(cfg, seed)
+    loader = make_loader(records, classes, cfg_seeded, train=True, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay)
+    loss_fn = EGCMFLoss(cfg.loss.gamma)
+    stats: dict[str, float] = {}
+    for _ in range(cfg.train.epochs):
+        stats = train_epoch(model, loader, optimizer, device, loss_fn)
+    return {"train_loss": float(stats["loss"]), "num-examples": len(loader.dataset)}
+
+
+def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
+                   cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The paper's metrics on ``records``, plus the confusion matrix as a flat list of counts."""
+    loader = make_loader(records, classes, cfg, train=False)
+    result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma))
+    return {"dice": _finite(result["dice"]), "miou": _finite(result["miou"]),
+            "acc": _finite(result["acc"]), "loss": float(result["loss"]),
+            "num-examples": int(result["num-examples"]),
+            "confusion": [int(c) for row in result["confusion"] for c in row]}
+
+
+def _finite(value: float) -> float:
+    """Metrics of a site whose validation tiles hold no annotated class are 0, not NaN."""
+    return 0.0 if value != value else float(value)
+
+
+def _with_seed(cfg: Config, seed: int) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed % 2**31))

@@ -1,0 +1,84 @@
+"""Readable outputs of a run: summary.md and curves.png (global and per-site Dice per round)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
+    lines = read_metrics(run)
+    rows = ["| round | Dice | mIoU | Acc | loss |", "|---|---|---|---|---|"]
+    rows += [f"| {x['round']} | {fmt(x['dice'])} | {fmt(x['miou'])} | {fmt(x['acc'])} | "
+             f"{fmt(x['loss'])} |" for x in lines]
+    last = lines[-1] if lines else {"sites": {}}
+    site_rows = ["| site | Dice | mIoU | Acc | training examples |", "|---|---|---|---|---|"]
+    site_rows += [f"| {name} | {fmt(v.get('dice'))} | {fmt(v.get('miou'))} | {fmt(v.get('acc'))}"
+                  f" | {v.get('num-examples', '')} |" for name, v in last["sites"].items()]
+    best = summary.get("best") or {}
+    text = [f"# {mode.capitalize()} run", "", f"Rounds: {len(lines)}; best Dice "
+            f"{fmt(best.get('dice'))} in round {best.get('round')}.", "",
+            "## Global model on the sites' validation splits (pooled confusion matrix)", "",
+            *rows, "", "## Per site, last round", "", *site_rows, ""]
+    (run / "summary.md").write_text("\n".join(text))
+    plot_curves(lines, run / "curves.png", mode)
+
+
+def plot_curves(lines: list[dict[str, Any]], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rounds = [x["round"] for x in lines]
+    for site in sorted({s for x in lines for s in x["sites"]}):
+        ax.plot(rounds, [x["sites"].get(site, {}).get("dice") for x in lines], lw=1, alpha=0.6,
+                marker=".", label=site)
+    ax.plot(rounds, [x["dice"] for x in lines], color="black", lw=2.5, marker="o",
+            label="global (pooled)")
+    ax.set(xlabel="round", ylabel="validation Dice", title=f"{title}: Dice per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> None:
+    """comparison.md (final and best Dice per mode) and comparison.png (Dice per round)."""
+    rows = ["| mode | final Dice | final mIoU | best Dice (round) |", "|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mode, summary in results.items():
+        final, best = summary.get("final") or {}, summary.get("best") or {}
+        rows.append(f"| {mode} | {fmt(final.get('dice'))} | {fmt(final.get('miou'))} | "
+                    f"{fmt(best.get('dice'))} ({best.get('round', '-')}) |")
+        lines = read_metrics(out / mode)
+        ax.plot([x["round"] for x in lines], [x["dice"] for x in lines], marker="o", label=mode)
+    notes = ["", "federated and centralized: one model, Dice of the pooled confusion matrix over "
+             "every site's validation split. local: each site's own model on its own split, "
+             "mean over sites; `local/summary.json` has the cross-site matrix."]
+    local = results.get("local", {}).get("cross_site_dice")
+    if local:
+        names = list(local)
+        notes += ["", "Local models (rows) on every site's validation split (columns), Dice:", "",
+                  "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        notes += [f"| {a} | " + " | ".join(fmt(local[a][b]) for b in names) + " |" for a in names]
+    (out / "comparison.md").write_text("\n".join(["# Federated vs centralized vs local", "",
+                                                  *rows, *notes, ""]))
+    ax.set(xlabel="round", ylabel="validation Dice", title="Federated vs centralized vs local")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""The ClientApp driven with real Flower Messages: what it replies, and what it never sends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from egcmf_model.config import apply_overrides, load_config, to_yaml
+from egcmf_model.engine import build_model
+from fl_client.client_app import make_client_app
+from fl_server.federation import FederationSettings
+
+KERNEL_MAX = 7  # largest convolution kernel in the network
+
+
+def _message(kind: str, variant: str = "full", rnd: int = 1) -> Message:
+    cfg = load_config("tiny", overrides=[f"model.variant={variant}", "train.epochs=1"])
+    torch.manual_seed(0)  # the same global model in every message
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"egcmf-config": to_yaml(cfg),
+                                                  "server-round": rnd})})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower's runtime sets the process's task identity before it calls an app; so do we."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+
+
+@pytest.fixture
+def site_context(synth_root: Path) -> Context:
+    return _context({"site": "plagh", "data": str(synth_root / "site_01"), "device": "cpu"})
+
+
+def _assert_only_weights_and_scalars(reply: Message) -> None:
+    content = reply.content
+    assert set(content.keys()) <= {"arrays", "metrics", "site"}
+    assert dict(content["site"]) == {"name": "plagh"}
+    for key, value in content["metrics"].items():
+        assert isinstance(value, int | float) or key == "confusion", key
+    if "arrays" in content:
+        for name, array in content["arrays"].items():
+            shape = array.shape
+            # no image- or mask-like array: every weight is a vector or a small kernel stack
+            assert len(shape) <= 4, name
+            assert len(shape) < 2 or max(shape[2:], default=1) <= KERNEL_MAX, (name, shape)
+    text = json.dumps({k: (v if k != "arrays" else None) for k, v in
+                       [("metrics", dict(content["metrics"])), ("site", dict(content["site"]))]})
+    assert "roi_" not in text and "/" not in text and ".png" not in text
+
+
+def test_train_reply_holds_weights_scalars_and_site_name_only(site_context: Context) -> None:
+    app = make_client_app()
+    reply = app(_message(MessageType.TRAIN), site_context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 3  # the three training ROIs of site_01
+    assert np.isfinite(metrics["train_loss"])
+    _assert_only_weights_and_scalars(reply)
+
+
+def test_evaluate_reply_reports_the_papers_metrics(site_context: Context) -> None:
+    reply = make_client_app()(_message(MessageType.EVALUATE), site_context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert {"dice", "miou", "acc", "loss", "num-examples", "confusion"} <= set(metrics.keys())
+    assert len(metrics["confusion"]) == 9 and sum(metrics["confusion"]) == 64 * 64
+    assert "arrays" not in reply.content
+    _assert_only_weights_and_scalars(reply)
+
+
+def test_training_is_deterministic_per_site_and_round(site_context: Context) -> None:
+    app = make_client_app()
+    a = app(_message(MessageType.TRAIN, "unet"), site_context).content["arrays"]
+    b = app(_message(MessageType.TRAIN, "unet"), site_context).content["arrays"]
+    c = app(_message(MessageType.TRAIN, "unet", rnd=2), site_context).content["arrays"]
+    first = next(iter(a.keys()))
+    assert a.to_torch_state_dict()[first].equal(b.to_torch_state_dict()[first])
+    assert not a.to_torch_state_dict()[first].equal(c.to_torch_state_dict()[first])
+
+
+def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Context) -> None:
+    cfg = apply_overrides(load_config("tiny"), ["data.classes=[tumor, stroma]"])
+    msg = _message(MessageType.EVALUATE)
+    msg.content["config"]["egcmf-config"] = to_yaml(cfg)
+    with pytest.raises(ValueError, match="classes"):  # the runtime turns it into an error reply
+        make_client_app()(msg, site_context)
+
+
+def test_settings_come_from_run_config_with_defaults() -> None:
+    settings = FederationSettings.from_run_config(
+        {"num-rounds": 5, "resume": True}, {"run-dir": "/tmp/x", "num-rounds": 2})
+    assert settings.num_rounds == 5 and settings.resume and settings.run_dir == "/tmp/x"
+    with pytest.raises(ValueError, match="run-dir"):
+        FederationSettings.from_run_config({}, {})
