@@ -60,7 +60,8 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
 
 def _reply(msg: Message, site: SiteData, metrics: dict[str, Any],
            arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    content = RecordDict({"metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": site.name})})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)

@@ -62,7 +62,9 @@ def _assert_only_weights_and_scalars(reply: Message) -> None:
             assert len(shape) < 2 or max(shape[2:], default=1) <= KERNEL_MAX, (name, shape)
     text = json.dumps({k: (v if k != "arrays" else None) for k, v in
                        [("metrics", dict(content["metrics"])), ("site", dict(content["site"]))]})
-    assert "roi_" not in text and "/" not in text and ".png" not in text
+    assert "roi_" not in text
+    assert "/" not in text
+    assert ".png" not in text
 
 
 def test_train_reply_holds_weights_scalars_and_site_name_only(site_context: Context) -> None:
@@ -80,7 +82,8 @@ def test_evaluate_reply_reports_the_papers_metrics(site_context: Context) -> Non
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
     assert {"dice", "miou", "acc", "loss", "num-examples", "confusion"} <= set(metrics.keys())
-    assert len(metrics["confusion"]) == 9 and sum(metrics["confusion"]) == 64 * 64
+    assert len(metrics["confusion"]) == 9
+    assert sum(metrics["confusion"]) == 64 * 64
     assert "arrays" not in reply.content
     _assert_only_weights_and_scalars(reply)
 
@@ -106,6 +109,8 @@ def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Cont
 def test_settings_come_from_run_config_with_defaults() -> None:
     settings = FederationSettings.from_run_config(
         {"num-rounds": 5, "resume": True}, {"run-dir": "/tmp/x", "num-rounds": 2})
-    assert settings.num_rounds == 5 and settings.resume and settings.run_dir == "/tmp/x"
+    assert settings.num_rounds == 5
+    assert settings.resume
+    assert settings.run_dir == "/tmp/x"
     with pytest.raises(ValueError, match="run-dir"):
         FederationSettings.from_run_config({}, {})

@@ -39,9 +39,11 @@ def test_run_folder_follows_the_contract(two_runs: tuple[Path, Path]) -> None:
         assert {"dice", "miou", "acc", "loss", "num-examples", "train_loss"} <= set(entry)
         assert all(isinstance(v, int | float) for v in entry.values())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 1 and summary["final"]["round"] == 1
-    model, cfg, classes, _ = load_model(out / "final.pt")
-    assert cfg.model.variant == "unet" and classes == ("background", "in_situ", "invasive")
+    assert summary["rounds"] == 1
+    assert summary["final"]["round"] == 1
+    _model, cfg, classes, _ = load_model(out / "final.pt")
+    assert cfg.model.variant == "unet"
+    assert classes == ("background", "in_situ", "invasive")
 
 
 def test_same_seed_gives_identical_metrics(two_runs: tuple[Path, Path]) -> None:
@@ -70,9 +72,11 @@ def test_baseline_modes(tmp_path: Path, synth_root: Path, mode: str) -> None:
     summary = json.loads((out / "summary.json").read_text())
     if mode == "local":
         cross = summary["cross_site_dice"]
-        assert set(cross) == set(lines[0]["sites"]) and all(len(v) == 2 for v in cross.values())
+        assert set(cross) == set(lines[0]["sites"])
+        assert all(len(v) == 2 for v in cross.values())
     else:
-        assert (out / "final.pt").exists() and set(lines[0]["sites"]) == {"client_00",
+        assert (out / "final.pt").exists()
+        assert set(lines[0]["sites"]) == {"client_00",
                                                                           "client_01"}
 
 
