@@ -71,7 +71,9 @@ def train_epoch(
     model.train()
     sums: dict[str, float] = {}
     seen = 0
-    for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+    # disable=None: no bar when stderr is not a terminal (CI logs, background runs)
+    for batch in tqdm(loader, desc=progress, disable=True if progress is None else None,
+                      leave=False):
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = loss_fn(forward(model, batch), batch)

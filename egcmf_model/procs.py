@@ -1,0 +1,102 @@
+"""Child processes of our command-line tools: started in their own session, always stopped.
+
+``fl-server`` and ``fl-client`` wrap Flower's own executables (SuperLink, SuperNode, ``flwr``);
+Ctrl-C or SIGTERM on our command stops every child and grandchild it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script installed beside this Python (or on PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found; install the project with pip install -e .")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """Our environment for Flower processes: telemetry off, always."""
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **extra}
+
+
+class Children:
+    """Processes started in new sessions and stopped (whole process groups) on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: Sequence[str], log_file: Path,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = log_file.open("ab")
+        proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env or flower_env(),
+                                start_new_session=True)
+        out.close()
+        self.procs.append((name, proc))
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
+        return proc
+
+    def stop(self, grace: float = 10.0) -> None:
+        for _, proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+@contextlib.contextmanager
+def supervised() -> Iterator[Children]:
+    """Children that are stopped on return, on exceptions, on Ctrl-C and on SIGTERM."""
+    children = Children()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield children
+    finally:
+        children.stop()
+        signal.signal(signal.SIGTERM, previous)

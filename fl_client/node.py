@@ -1,0 +1,141 @@
+"""Join a federation: check the site folder and the server, then run Flower's SuperNode.
+
+Every failure a hospital's IT team meets is one line saying what to do, never a traceback:
+an invalid site folder, an unreachable server (retried up to ``max_wait``), a server whose
+certificate our CA did not sign (not retried), a site key the server has not registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from egcmf_model.data.sites import check_site, load_site_meta
+from egcmf_model.procs import flower_env, flower_executable, free_port, supervised
+
+log = logging.getLogger("fl-client")
+NOT_REGISTERED = "Failed to activate SuperNode"
+NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
+LOST = "Giving up reconnection"  # the SuperNode logs this after --max-wait-time, then hangs
+
+
+class JoinError(RuntimeError):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class JoinOptions:
+    site: str
+    server: str = "127.0.0.1:8000"
+    data: Path = Path("data")
+    certs: Path = Path("certs")
+    device: str = "auto"
+    max_wait: float = 300.0
+    insecure: bool = False
+
+
+def join(opts: JoinOptions) -> None:
+    host, port = _split(opts.server)
+    _check_site(opts)
+    if opts.insecure:
+        log.warning("INSECURE: no TLS; the model's weights cross the network in clear text")
+    else:
+        for needed in (opts.certs / "ca.crt", opts.certs / "sites" / opts.site):
+            if not needed.exists():
+                raise JoinError(f"{needed} is missing: ask the coordinating centre for ca.crt "
+                                f"and this site's key pair (fl-server certs)", 2)
+    wait_for_server(host, port, None if opts.insecure else opts.certs / "ca.crt", opts.max_wait)
+    _run_supernode(opts, host, port)
+
+
+def _split(server: str) -> tuple[str, int]:
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise JoinError(f"--server {server!r} must be HOST:PORT", 2)
+    return host.strip("[]"), int(port)
+
+
+def _check_site(opts: JoinOptions) -> None:
+    problems = check_site(opts.data)
+    if problems:
+        listing = "\n".join(f"  {line}" for line in problems)
+        raise JoinError(f"site folder {opts.data} is not valid; not joining. Fix:\n{listing}", 1)
+    name = load_site_meta(opts.data).name
+    if name != opts.site:
+        log.warning("site.yaml names the site %r; joining as %r (--site is the identity)",
+                    name, opts.site)
+
+
+def wait_for_server(host: str, port: int, ca: Path | None, max_wait: float) -> None:
+    """Return once a (TLS) connection succeeds; retry while unreachable; fail fast on trust."""
+    deadline, delay = time.monotonic() + max_wait, 1.0
+    context = None
+    if ca is not None:
+        context = ssl.create_default_context(cafile=str(ca))
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                if context is not None:
+                    with context.wrap_socket(sock, server_hostname=host):
+                        pass
+            return
+        except ssl.SSLCertVerificationError as exc:
+            raise JoinError(f"the server {host}:{port} is not trusted: its certificate is not "
+                            f"signed by {ca} ({exc.verify_message}); check --certs", 4) from exc
+        except OSError as exc:
+            if time.monotonic() + delay > deadline:
+                raise JoinError(f"the server {host}:{port} is unreachable after {max_wait:.0f}s "
+                                f"({exc.strerror or exc}); is fl-server start running?", 3) \
+                    from exc
+            log.info("server %s:%d not reachable yet (%s); retrying", host, port,
+                     exc.strerror or exc)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 10.0)
+
+
+def _run_supernode(opts: JoinOptions, host: str, port: int) -> None:
+    node_config = (f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}'")
+    args = [flower_executable("flower-supernode"), "--superlink", f"{host}:{port}",
+            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port()),
+            "--max-wait-time", str(opts.max_wait)]
+    if opts.insecure:
+        args.append("--insecure")
+    else:
+        args += ["--root-certificates", str(opts.certs / "ca.crt"),
+                 "--auth-supernode-private-key", str(opts.certs / "sites" / opts.site)]
+    logs = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "logs"
+    log_file = logs / f"supernode-{opts.site}-{os.getpid()}.log"
+    with supervised() as children:
+        proc = children.start("supernode", args, log_file, flower_env())
+        log.info("SuperNode for site %s started; log %s", opts.site, log_file)
+        seen, announced = 0, False
+        while True:
+            text = log_file.read_text(errors="replace") if log_file.exists() else ""
+            new, seen = text[seen:], len(text)
+            if NOT_REGISTERED in new:
+                raise JoinError(f"site {opts.site} is not registered at the server: the "
+                                f"coordinating centre must register sites/{opts.site}.pub "
+                                "(fl-server start registers the keys in its --certs)", 5)
+            if NOT_TRUSTED in new:
+                raise JoinError(f"the server {host}:{port} is not trusted by {opts.certs}/ca.crt",
+                                4)
+            if not announced and "SuperNode ID" in text:
+                log.info("connected to %s:%d as site %s; waiting for rounds", host, port,
+                         opts.site)
+                announced = True
+            if announced and LOST in new:
+                log.info("the server has closed the federation; stopping this site's node")
+                return
+            if proc.poll() is not None:
+                if proc.returncode:
+                    raise JoinError(f"the SuperNode stopped (code {proc.returncode}); see "
+                                    f"{log_file}", 6)
+                return
+            time.sleep(0.5)
