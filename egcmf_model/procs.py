@@ -61,13 +61,15 @@ class Children:
         out = log_file.open("ab")
         proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env or flower_env(),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
         self.procs.append((name, proc))
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every child's process group, then SIGKILL; then the same for grandchildren
+        that were re-parented to us (we are their subreaper), reaping all of them."""
         for _, proc in reversed(self.procs):
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -78,6 +80,61 @@ class Children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.procs.clear()
+        _stop_orphans(grace)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if our process dies, even by SIGKILL (no orphans holding
+    ports). Elsewhere a no-op; the process-group shutdown in :meth:`Children.stop` remains."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _become_subreaper() -> None:
+    """Linux: orphaned descendants are re-parented to us instead of PID 1, so we can reap them.
+    Flower's helpers exit when their parent is gone; an unreaped (zombie) parent hides that."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_child_subreaper = 36
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_child_subreaper, 1)
+
+
+def _orphans() -> list[int]:
+    """Live processes whose parent is us (re-parented grandchildren included)."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _stop_orphans(grace: float) -> None:
+    deadline = time.monotonic() + grace
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _orphans():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        while _orphans() and time.monotonic() < deadline:
+            _reap()
+            time.sleep(0.2)
+        _reap()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -88,6 +145,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 @contextlib.contextmanager
 def supervised() -> Iterator[Children]:
     """Children that are stopped on return, on exceptions, on Ctrl-C and on SIGTERM."""
+    _become_subreaper()
     children = Children()
     previous = signal.getsignal(signal.SIGTERM)
 

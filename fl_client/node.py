@@ -101,41 +101,57 @@ def wait_for_server(host: str, port: int, ca: Path | None, max_wait: float) -> N
 
 
 def _run_supernode(opts: JoinOptions, host: str, port: int) -> None:
-    node_config = (f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}'")
+    """Run the SuperNode; while the server has not registered this site's key yet (it does so
+    just after it starts), try again until ``max_wait`` has passed."""
+    deadline = time.monotonic() + opts.max_wait
+    while True:
+        with supervised() as children:
+            outcome = _watch(children, opts, host, port)
+        if outcome != NOT_REGISTERED:
+            return
+        if time.monotonic() > deadline:
+            raise JoinError(f"site {opts.site} is not registered at the server: the "
+                            f"coordinating centre must register sites/{opts.site}.pub "
+                            "(fl-server start registers the keys in its --certs)", 5)
+        log.info("the server does not know site %s yet; retrying", opts.site)
+        time.sleep(3.0)
+
+
+def _supernode_args(opts: JoinOptions, host: str, port: int) -> list[str]:
+    node_config = f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}'"
     args = [flower_executable("flower-supernode"), "--superlink", f"{host}:{port}",
             "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port()),
             "--max-wait-time", str(opts.max_wait)]
     if opts.insecure:
-        args.append("--insecure")
-    else:
-        args += ["--root-certificates", str(opts.certs / "ca.crt"),
-                 "--auth-supernode-private-key", str(opts.certs / "sites" / opts.site)]
+        return [*args, "--insecure"]
+    return [*args, "--root-certificates", str(opts.certs / "ca.crt"),
+            "--auth-supernode-private-key", str(opts.certs / "sites" / opts.site)]
+
+
+def _watch(children, opts: JoinOptions, host: str, port: int) -> str:
+    """Follow one SuperNode's log until it ends; returns NOT_REGISTERED, LOST or "done"."""
     logs = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "logs"
     log_file = logs / f"supernode-{opts.site}-{os.getpid()}.log"
-    with supervised() as children:
-        proc = children.start("supernode", args, log_file, flower_env())
-        log.info("SuperNode for site %s started; log %s", opts.site, log_file)
-        seen, announced = 0, False
-        while True:
-            text = log_file.read_text(errors="replace") if log_file.exists() else ""
-            new, seen = text[seen:], len(text)
-            if NOT_REGISTERED in new:
-                raise JoinError(f"site {opts.site} is not registered at the server: the "
-                                f"coordinating centre must register sites/{opts.site}.pub "
-                                "(fl-server start registers the keys in its --certs)", 5)
-            if NOT_TRUSTED in new:
-                raise JoinError(f"the server {host}:{port} is not trusted by {opts.certs}/ca.crt",
-                                4)
-            if not announced and "SuperNode ID" in text:
-                log.info("connected to %s:%d as site %s; waiting for rounds", host, port,
-                         opts.site)
-                announced = True
-            if announced and LOST in new:
-                log.info("the server has closed the federation; stopping this site's node")
-                return
-            if proc.poll() is not None:
-                if proc.returncode:
-                    raise JoinError(f"the SuperNode stopped (code {proc.returncode}); see "
-                                    f"{log_file}", 6)
-                return
-            time.sleep(0.5)
+    proc = children.start("supernode", _supernode_args(opts, host, port), log_file,
+                          flower_env())
+    log.debug("SuperNode for site %s started; log %s", opts.site, log_file)
+    seen, announced = log_file.stat().st_size if log_file.exists() else 0, False
+    while True:
+        text = log_file.read_text(errors="replace")[seen:] if log_file.exists() else ""
+        if NOT_REGISTERED in text:
+            return NOT_REGISTERED
+        if NOT_TRUSTED in text:
+            raise JoinError(f"the server {host}:{port} is not trusted by {opts.certs}/ca.crt", 4)
+        if not announced and "SuperNode ID" in text:
+            log.info("connected to %s:%d as site %s; waiting for rounds (log %s)", host, port,
+                     opts.site, log_file)
+            announced = True
+        if announced and LOST in text:
+            log.info("the server has closed the federation; stopping this site's node")
+            return LOST
+        if proc.poll() is not None:
+            if proc.returncode:
+                raise JoinError(f"the SuperNode stopped (code {proc.returncode}); see {log_file}",
+                                6)
+            return "done"
+        time.sleep(0.5)

@@ -1,0 +1,165 @@
+"""End to end on 127.0.0.1: certificates, fl-server start, two fl-client sites, over TLS.
+
+Real Flower SuperLink and SuperNodes in subprocesses; every process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from egcmf_model.procs import free_port
+from fl_server.certs import make_certificates
+
+BIN = Path(sys.executable).parent
+SERVER_ARGS = ["--min-sites", "2", "--set", "model.variant=unet", "--set", "train.epochs=1"]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "EGCMF_CACHE": str(tmp / "cache")}
+
+
+def _server(tmp: Path, port: int, rounds: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "fl-server"), "start", "--rounds", str(rounds), "--address",
+         f"127.0.0.1:{port}", "--certs", str(tmp / "certs"), "--run-dir", str(tmp / "run"),
+         *SERVER_ARGS, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp))
+
+
+def _client(tmp: Path, port: int, site: str, data: Path, certs: Path | None = None,
+            max_wait: int = 60) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "fl-client"), "--site", site, "--server", f"127.0.0.1:{port}", "--data",
+         str(data), "--certs", str(certs or tmp / "certs"), "--max-wait", str(max_wait),
+         "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp))
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"timed out after {timeout}s:\n{out}")
+    return proc.returncode, out
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _leftovers(marker: str) -> list[str]:
+    result = subprocess.run(["pgrep", "-fa", marker], capture_output=True, text=True,
+                            check=False)
+    return [line for line in result.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.fixture
+def federation(tmp_path: Path, synth_root: Path) -> Path:
+    make_certificates(tmp_path / "certs", ["siteA", "siteB"])
+    return tmp_path
+
+
+def test_two_sites_over_tls_then_refusals(federation: Path, synth_root: Path) -> None:
+    tmp, port = federation, free_port()
+    server = _server(tmp, port, rounds=2)
+    clients = [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=15),
+               _client(tmp, port, "siteB", synth_root / "site_02", max_wait=15)]
+    # A site holding another CA's certificate, and a site whose key was never registered.
+    other = tmp / "other"
+    make_certificates(other, ["siteC"])
+    rogue_ca = _client(tmp, port, "siteA", synth_root / "site_03", certs=_mixed(tmp, other))
+    stranger = _client(tmp, port, "siteC", synth_root / "site_03", certs=_stranger(tmp, other))
+    try:
+        code, out = _finish(rogue_ca, 60)
+        assert code == 4
+        assert "not trusted" in out
+        assert "Traceback" not in out
+        code, out = _finish(stranger, 120)
+        assert code == 5
+        assert "not registered" in out
+        assert "Traceback" not in out
+        code, out = _finish(server, 600)
+        assert code == 0, out
+        assert "round 2/2" in out
+        for client in clients:  # each site notices the end and stops its node by itself
+            code, out = _finish(client, 90)
+            assert code == 0, out
+            assert "closed the federation" in out
+    finally:
+        _stop(server, *clients)
+    run = tmp / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    assert all(set(x["sites"]) == {"siteA", "siteB"} for x in lines)
+    for name in ("round_001.pt", "round_002.pt", "best.pt", "summary.json"):
+        assert (run / name).exists(), name
+    assert _leftovers(f"127.0.0.1:{port}") == []
+
+
+def _mixed(tmp: Path, other: Path) -> Path:
+    """siteA's own key, but the CA certificate of another federation."""
+    certs = tmp / "mixed"
+    shutil.copytree(tmp / "certs" / "sites", certs / "sites")
+    shutil.copy(other / "ca.crt", certs / "ca.crt")
+    return certs
+
+
+def _stranger(tmp: Path, other: Path) -> Path:
+    """The right CA, but a site key the server never registered."""
+    certs = tmp / "stranger"
+    shutil.copytree(other / "sites", certs / "sites")
+    shutil.copy(tmp / "certs" / "ca.crt", certs / "ca.crt")
+    return certs
+
+
+def test_resume_after_the_server_is_killed(federation: Path, synth_root: Path) -> None:
+    tmp, port = federation, free_port()
+    server = _server(tmp, port, rounds=3)
+    clients = [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=10),
+               _client(tmp, port, "siteB", synth_root / "site_02", max_wait=10)]
+    try:
+        deadline = time.monotonic() + 400
+        while not (tmp / "run" / "round_001.pt").exists():
+            assert time.monotonic() < deadline
+            assert server.poll() is None
+            time.sleep(0.5)
+        # `kill PID` (SIGTERM) in the middle of round 2. (A SIGKILL would leave Flower's SuperExec
+        # waiting on a zombie SuperLink on machines whose PID 1 does not reap orphans.)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        _stop(*clients)
+        deadline = time.monotonic() + 60
+        while _leftovers(f"127.0.0.1:{port}"):
+            assert time.monotonic() < deadline, _leftovers(f"127.0.0.1:{port}")
+            time.sleep(0.5)
+        done = len((tmp / "run" / "metrics.jsonl").read_text().splitlines())
+        server = _server(tmp, port, 3, "--resume")
+        clients = [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=10),
+                   _client(tmp, port, "siteB", synth_root / "site_02", max_wait=10)]
+        code, out = _finish(server, 600)
+        assert code == 0, out
+    finally:
+        _stop(server, *clients)
+    lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert done >= 1
+    events = (tmp / "run" / "events.jsonl").read_text()
+    assert "resuming after round" in events
