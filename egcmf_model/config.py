@@ -79,6 +79,8 @@ class TrainConfig:
     seed: int = 0  # drives model init, shuffling and augmentation
     num_workers: int = 0  # DataLoader workers; 0 keeps runs reproducible and light
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are already
+    skip: bool = False  # benchmarks only: sites return the weights untouched, no training
 
 
 @dataclass(frozen=True)

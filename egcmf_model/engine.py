@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -30,9 +31,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     """Seed torch, numpy's legacy global and ``random`` (third-party code may use them);
-    return a generator for data shuffling."""
+    return a generator for data shuffling. ``deterministic`` also pins GPU kernels."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     random.seed(seed)
     np.random.seed(seed)  # libraries outside our control read the global state
     torch.manual_seed(seed)

@@ -50,7 +50,7 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
     """Train on the pooled train split, validate each epoch, keep ``last.pt`` and ``best.pt``."""
     source = source or open_data(cfg)
     device = pick_device(cfg.train.device)
-    generator = seed_everything(cfg.train.seed)
+    generator = seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model, source.classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)

@@ -6,6 +6,7 @@ Plain functions over the model package; the ClientApp only translates Messages t
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from egcmf_model.config import Config
 from egcmf_model.data.source import RoiRecord
-from egcmf_model.engine import evaluate, train_epoch
+from egcmf_model.engine import evaluate, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
@@ -29,23 +30,33 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
 
 def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
                 cfg: Config, device: torch.device, seed: int) -> dict[str, float]:
-    """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``.
+
+    With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is trained.
+    """
+    if cfg.train.skip:
+        return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0}
+    generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     cfg_seeded = _with_seed(cfg, seed)
     loader = make_loader(records, classes, cfg_seeded, train=True, generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
     loss_fn = EGCMFLoss(cfg.loss.gamma)
     stats: dict[str, float] = {}
+    start = time.perf_counter()
     for _ in range(cfg.train.epochs):
         stats = train_epoch(model, loader, optimizer, device, loss_fn)
-    return {"train_loss": float(stats["loss"]), "num-examples": len(loader.dataset)}
+    return {"train_loss": float(stats["loss"]), "num-examples": len(loader.dataset),
+            "train_s": time.perf_counter() - start}
 
 
 def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
                    cfg: Config, device: torch.device) -> dict[str, Any]:
     """The paper's metrics on ``records``, plus the confusion matrix as a flat list of counts."""
+    if cfg.train.skip:
+        k = len(classes)
+        return {"dice": 0.0, "miou": 0.0, "acc": 0.0, "loss": 0.0, "num-examples": len(records),
+                "confusion": [0] * (k * k)}
     loader = make_loader(records, classes, cfg, train=False)
     result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma))
     return {"dice": _finite(result["dice"]), "miou": _finite(result["miou"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class FederationSettings:
 def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     cfg = load_config(path=settings.config_file or None)
     classes = tuple(cfg.data.classes)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
     start = 0
@@ -68,12 +69,16 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     strategy = make_strategy(settings.strategy, settings.min_sites)
     arrays = ArrayRecord(model.state_dict())
     config = ConfigRecord({"egcmf-config": to_yaml(cfg)})
+    seconds = {}
     for rnd in range(start + 1, settings.num_rounds + 1):
+        began = time.perf_counter()
         arrays, line = run_round(grid, strategy, rnd, arrays, config, settings, recorder, classes)
         model.load_state_dict(arrays.to_torch_state_dict())
         recorder.record_round(rnd, model, line)
+        seconds[rnd] = round(time.perf_counter() - began, 3)
         _log_round(rnd, settings.num_rounds, line)
-    return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites)
+    return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
+                                  round_seconds=seconds)
 
 
 def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
@@ -119,7 +124,8 @@ def _round_line(train: list[Message], evaluation: list[Message], classes: tuple[
     for msg in train:
         m = msg.content["metrics"]
         sites.setdefault(site_of(msg), {}).update(
-            {"train_loss": float(m["train_loss"]), "num-examples": int(m["num-examples"])})
+            {"train_loss": float(m["train_loss"]), "num-examples": int(m["num-examples"]),
+             "train_s": round(float(m["train_s"]), 3)})
     pooled = SegmentationMetrics(classes)
     loss_sum, n_sum = 0.0, 0
     for msg in evaluation:

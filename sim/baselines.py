@@ -57,7 +57,7 @@ def _start(cfg: Config, source: DataSource, s: SimSettings) -> tuple[Sites, RunR
 def run_centralized(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
     sites, recorder, device = _start(cfg, source, s)
     pooled = [r for split in sites.values() for r in split["train"]]
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model, source.classes).to(device)
     for rnd in range(1, s.rounds + 1):
         train = local_train(model, pooled, source.classes, cfg, device,
@@ -73,7 +73,7 @@ def run_centralized(cfg: Config, source: DataSource, s: SimSettings) -> dict[str
 def run_local(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
     """Each site alone; each round's line gives every site its own model on its own split."""
     sites, recorder, device = _start(cfg, source, s)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     models = {name: build_model(cfg.model, source.classes).to(device) for name in sites}
     for rnd in range(1, s.rounds + 1):
         own: Sites = {}

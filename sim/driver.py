@@ -50,6 +50,8 @@ def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]
     from .report import write_reports
 
     write_reports(settings.out, result, args.mode)
+    print((settings.out / "summary.md").read_text())
+    log.info("run folder: %s", settings.out)
     return result
 
 

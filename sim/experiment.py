@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class SimSettings:
     out: Path
     clients: int = 5
-    rounds: int = 4
+    rounds: int = 20
     partition: str = "institution"
     alpha: float = 0.5
     strategy: str = "fedavg"
@@ -71,6 +71,8 @@ def _quiet_flower() -> None:
     flwr_log.propagate = False
     if logging.getLogger("sim").getEffectiveLevel() > logging.DEBUG:
         flwr_log.setLevel(logging.WARNING)
+        # We use run_simulation on purpose (one process, seeded, no app bundle to build).
+        flwr_log.addFilter(lambda record: "run_simulation" not in record.getMessage())
 
 
 def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:

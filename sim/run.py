@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiets a Ray
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sim/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5, help="virtual hospitals (default 5)")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, help="epochs per round at each site")
     p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"))
     p.add_argument("--data", type=Path, help="data folder (default: generated synthetic set)")
