@@ -134,7 +134,8 @@ def _follow(opts: StartOptions, env: dict[str, str], run_id: int, children: Chil
             log.info("round %d/%d  dice %s  sites %s", x["round"], opts.rounds,
                      "n/a" if x["dice"] is None else f"{x['dice']:.4f}", ", ".join(x["sites"]))
         shown = max(shown, len(lines))
-        status = _status(env, run_id)
+        run = _run_info(env, run_id)
+        status = str(run.get("status", ""))
         if status.startswith("finished"):
             break
         for name, proc in children.procs:
@@ -142,14 +143,20 @@ def _follow(opts: StartOptions, env: dict[str, str], run_id: int, children: Chil
                 raise RuntimeError(f"{name} stopped unexpectedly (code {proc.returncode}); "
                                    f"see {opts.run_dir / (name + '.log')}")
         time.sleep(2.0)
-    if status != "finished:completed" or not (opts.run_dir / "summary.json").exists():
+    summary_path = opts.run_dir / "summary.json"
+    if status != "finished:completed" or not summary_path.exists():
         raise RuntimeError(f"run {run_id} ended as {status}; see {opts.run_dir}/superlink.log")
-    return json.loads((opts.run_dir / "summary.json").read_text())
+    summary = json.loads(summary_path.read_text())
+    summary["flower"] = {k: run.get(k) for k in ("run-id", "network-traffic", "compute-time",
+                                                 "elapsed")}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
-def _status(env: dict[str, str], run_id: int) -> str:
+def _run_info(env: dict[str, str], run_id: int) -> dict:
+    """Flower's record of the run: status, elapsed time, network traffic, compute time."""
     out = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env,
                 "asking the run's status")
     runs = json.loads(out).get("runs", [])
-    return str(runs[0].get("status", "")) if runs else ""
+    return runs[0] if runs else {}
 

@@ -114,3 +114,14 @@ def test_settings_come_from_run_config_with_defaults() -> None:
     assert settings.run_dir == "/tmp/x"
     with pytest.raises(ValueError, match="run-dir"):
         FederationSettings.from_run_config({}, {})
+
+
+def test_bench_skip_returns_the_weights_untouched(site_context: Context) -> None:
+    msg = _message(MessageType.TRAIN, "unet")
+    msg.content["config"]["egcmf-config"] = to_yaml(
+        apply_overrides(load_config("tiny"), ["model.variant=unet", "train.skip=true"]))
+    sent = msg.content["arrays"].to_torch_state_dict()
+    reply = make_client_app()(msg, site_context)
+    back = reply.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], back[k]) for k in sent)
+    assert reply.content["metrics"]["train_s"] == 0.0
