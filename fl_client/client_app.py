@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from egcmf_model.config import Config, from_dict
 from egcmf_model.engine import build_model, pick_device
 
+from .faults import inject_fault
 from .site import SiteData, resolve_site
 from .train import local_evaluate, local_train, round_seed
 
@@ -24,20 +25,26 @@ log = logging.getLogger(__name__)
 
 
 def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
-    """The ClientApp; ``defaults`` (simulation only) points at the partition file."""
+    """The ClientApp; ``defaults`` (simulation only) point at the partition file and name the
+    sites that misbehave on purpose (``faults``: site -> kind, for fault-injection runs)."""
     app = ClientApp()
     fixed = dict(defaults or {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, site, model, device = _setup(msg, context, fixed)
-        seed = round_seed(cfg.train.seed, int(msg.content["config"]["server-round"]), site.name)
-        metrics = local_train(model, site.train, site.classes, cfg, device, seed)
-        return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+        options = msg.content["config"]
+        seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
+        mu = float(options.get("proximal-mu", 0.0))
+        metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu)
+        state = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
+        return _reply(msg, site, metrics, ArrayRecord(state))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, site, model, device = _setup(msg, context, fixed)
+        if fixed.get("faults", {}).get(site.name) == "dropout":
+            inject_fault("dropout", {})
         return _reply(msg, site, local_evaluate(model, site.val, site.classes, cfg, device))
 
     return app

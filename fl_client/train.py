@@ -29,7 +29,8 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
 
 
 def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
-                cfg: Config, device: torch.device, seed: int) -> dict[str, float]:
+                cfg: Config, device: torch.device, seed: int, proximal_mu: float = 0.0
+                ) -> dict[str, float]:
     """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``.
 
     With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is trained.
@@ -44,10 +45,21 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     loss_fn = EGCMFLoss(cfg.loss.gamma)
     stats: dict[str, float] = {}
     start = time.perf_counter()
+    extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
     for _ in range(cfg.train.epochs):
-        stats = train_epoch(model, loader, optimizer, device, loss_fn)
+        stats = train_epoch(model, loader, optimizer, device, loss_fn, extra_loss=extra)
     return {"train_loss": float(stats["loss"]), "num-examples": len(loader.dataset),
             "train_s": time.perf_counter() - start}
+
+
+def proximal_term(model: torch.nn.Module, mu: float):
+    """FedProx: (mu / 2) * ||w - w_global||^2, with w_global the weights received this round."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def term(m: torch.nn.Module) -> torch.Tensor:
+        return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(m.parameters(), anchor,
+                                                                     strict=True))
+    return term
 
 
 def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],

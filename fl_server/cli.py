@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals do not phone home
 
 log = logging.getLogger("fl-server")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="0.0.0.0:8000", help="HOST:PORT the sites connect to")
     p.add_argument("--certs", type=Path, default=Path("certs"))
     p.add_argument("--run-dir", type=Path, help="default runs/federation-<time>")
-    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox")
+    p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean")
+    p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
+    p.add_argument("--max-update-ratio", type=float, default=10.0,
+                   help="reject updates whose norm exceeds this x the median of the others")
     p.add_argument("--resume", action="store_true", help="continue after the last saved round")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication")
     p.set_defaults(func=_start)
@@ -79,7 +85,9 @@ def _start(args: argparse.Namespace) -> int:
     opts = StartOptions(run_dir=run_dir, config_file=config_file, host=host, port=int(port),
                         certs=None if args.insecure else args.certs, insecure=args.insecure,
                         rounds=args.rounds, min_sites=args.min_sites, strategy=args.strategy,
-                        resume=args.resume)
+                        resume=args.resume, extra_run_config={
+                            "proximal-mu": args.proximal_mu, "trim-fraction": args.trim_fraction,
+                            "krum-f": args.krum_f, "max-update-ratio": args.max_update_ratio})
     summary = start_federation(opts)
     best = summary.get("best") or {}
     log.info("done: %d rounds; best Dice %s in round %s; files in %s", summary["rounds"],

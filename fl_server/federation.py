@@ -25,7 +25,8 @@ from egcmf_model.engine import build_model, seed_everything
 from egcmf_model.metrics import SegmentationMetrics
 
 from .recorder import RunRecorder
-from .strategy import make_strategy
+from .strategy import StrategyOptions, make_strategy
+from .validation import validate_updates
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,15 @@ class FederationSettings:
     resume: bool = False
     config_file: str = ""  # resolved EGCMF config (YAML) on the server; empty = tiny preset
     timeout: float = 3600.0  # seconds to wait for the sites' replies in a round
+    max_update_ratio: float = 10.0  # reject updates whose norm exceeds this x the others' median
+    proximal_mu: float = 0.01  # fedprox
+    trim_fraction: float = 0.2  # trimmed-mean
+    krum_f: int = 1  # krum
+    server_lr: float = 0.01  # fedadam
+
+    def strategy_options(self) -> StrategyOptions:
+        return StrategyOptions(self.strategy, self.min_sites, self.proximal_mu,
+                               self.trim_fraction, self.krum_f, self.server_lr)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], defaults: dict[str, Any]
@@ -66,7 +76,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
             model.load_state_dict(payload["model"])
             recorder.event("resume", f"resuming after round {start}")
             log.info("resuming after round %d", start)
-    strategy = make_strategy(settings.strategy, settings.min_sites)
+    strategy = make_strategy(settings.strategy_options())
     arrays = ArrayRecord(model.state_dict())
     config = ConfigRecord({"egcmf-config": to_yaml(cfg)})
     seconds = {}
@@ -74,6 +84,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         began = time.perf_counter()
         arrays, line = run_round(grid, strategy, rnd, arrays, config, settings, recorder, classes)
         model.load_state_dict(arrays.to_torch_state_dict())
+        arrays = ArrayRecord(model.state_dict())  # back to the network's dtypes (int counters)
         recorder.record_round(rnd, model, line)
         seconds[rnd] = round(time.perf_counter() - began, 3)
         _log_round(rnd, settings.num_rounds, line)
@@ -87,10 +98,18 @@ def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
     """One round: local training, aggregation, then evaluation of the new global model."""
     train = _replies(grid.send_and_receive(strategy.configure_train(rnd, arrays, config, grid),
                                            timeout=settings.timeout), rnd, "train", recorder)
-    new_arrays, _ = strategy.aggregate_train(rnd, train)
+    train, rejected = validate_updates(train, arrays, site_of, settings.max_update_ratio)
+    for r in rejected:
+        log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
+        recorder.event("rejected", f"round {rnd}: update of site {r.site} rejected: {r.reason}",
+                       round=rnd, site=r.site)
+    new_arrays = None
+    if len(train) >= settings.min_sites:
+        new_arrays, _ = strategy.aggregate_train(rnd, train)
     if new_arrays is None:
-        recorder.event("warning", f"round {rnd}: no update aggregated; global model unchanged",
-                       round=rnd)
+        recorder.event("warning", f"round {rnd}: {len(train)} valid update(s), fewer than "
+                       f"min-sites={settings.min_sites} or none aggregated; global model "
+                       "unchanged", round=rnd)
         new_arrays = arrays
     evaluation = _replies(grid.send_and_receive(
         strategy.configure_evaluate(rnd, new_arrays, config, grid), timeout=settings.timeout),

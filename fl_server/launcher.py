@@ -36,6 +36,7 @@ class StartOptions:
     strategy: str = "fedavg"
     resume: bool = False
     startup_timeout: float = 60.0
+    extra_run_config: dict | None = None  # strategy options and update validation
 
 
 def start_federation(opts: StartOptions) -> dict:
@@ -117,7 +118,8 @@ def _submit(opts: StartOptions, env: dict[str, str]) -> int:
     (app / "pyproject.toml").write_text(template.read_text())
     run_config = {"run-dir": str(opts.run_dir.resolve()), "num-rounds": opts.rounds,
                   "min-sites": opts.min_sites, "strategy": opts.strategy,
-                  "resume": opts.resume, "config-file": str(opts.config_file.resolve())}
+                  "resume": opts.resume, "config-file": str(opts.config_file.resolve()),
+                  **(opts.extra_run_config or {})}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     out = _flwr(["run", str(app), CONNECTION, "--run-config", overrides, "--format", "json"],
                 env, "submitting the run")

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+from dataclasses import dataclass
 
-STRATEGIES = ("fedavg",)
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 
 
-def make_strategy(name: str, min_sites: int) -> Strategy:
+@dataclass(frozen=True)
+class StrategyOptions:
+    name: str = "fedavg"
+    min_sites: int = 2  # sites that must connect, and the fewest whose updates are aggregated
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term the sites add
+    trim_fraction: float = 0.2  # trimmed-mean: share cut at each end, per coordinate
+    krum_f: int = 1  # krum: number of malicious sites tolerated
+    server_lr: float = 0.01  # fedadam: server learning rate (eta)
+
+
+def make_strategy(opts: StrategyOptions) -> Strategy:
     """A Message-API strategy that trains and evaluates on every connected site (at least
-    ``min_sites``), weighting by ``num-examples``."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
-                  min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+    ``min_sites``), weighting by ``num-examples`` where it averages."""
+    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0,
+              "min_train_nodes": opts.min_sites, "min_evaluate_nodes": opts.min_sites,
+              "min_available_nodes": opts.min_sites}
+    builders = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=opts.proximal_mu),
+        "fedadam": lambda: FedAdam(**common, eta=opts.server_lr),
+        "fedmedian": lambda: FedMedian(**common),
+        "trimmed-mean": lambda: FedTrimmedAvg(**common, beta=opts.trim_fraction),
+        "krum": lambda: Krum(**common, num_malicious_nodes=opts.krum_f),
+    }
+    if opts.name not in builders:
+        raise ValueError(f"unknown strategy {opts.name!r}; choose one of {', '.join(STRATEGIES)}")
+    return builders[opts.name]()

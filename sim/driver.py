@@ -32,7 +32,11 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     settings = SimSettings(out=args.out, clients=args.clients, rounds=args.rounds,
                            partition=cfg.data.partition, alpha=cfg.data.alpha,
                            strategy=args.strategy, seed=cfg.train.seed,
-                           client_gpus=args.client_gpus)
+                           client_gpus=args.client_gpus, min_sites=args.min_sites,
+                           fault=args.fault or "",
+                           strategy_options=(("proximal-mu", args.proximal_mu),
+                                             ("trim-fraction", args.trim_fraction),
+                                             ("krum-f", args.krum_f)))
     return cfg, source, settings
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from egcmf_model.config import Config, to_yaml
 from egcmf_model.data.source import DataSource, RoiRecord
 from egcmf_model.data.summary import site_partition
@@ -32,6 +34,9 @@ class SimSettings:
     strategy: str = "fedavg"
     seed: int = 0
     client_gpus: float = 0.0  # GPU fraction per virtual client when a GPU exists
+    min_sites: int = 2  # fewest valid updates a round aggregates
+    fault: str = ""  # KIND:COUNT, fault injection
+    strategy_options: tuple[tuple[str, float], ...] = ()  # proximal-mu, trim-fraction, krum-f
 
 
 def virtual_sites(source: DataSource, s: SimSettings) -> dict[str, dict[str, list[RoiRecord]]]:
@@ -65,6 +70,20 @@ def write_partitions(path: Path, classes: tuple[str, ...],
     return path
 
 
+def faulty_sites(spec: str, names: list[str], seed: int) -> dict[str, str]:
+    """``KIND:COUNT`` -> {site: kind} for COUNT sites drawn with the seed."""
+    if not spec:
+        return {}
+    from fl_client.faults import FAULTS
+
+    kind, _, count = spec.partition(":")
+    if kind not in FAULTS or not count.isdigit() or not 0 < int(count) < len(names):
+        raise ValueError(f"--fault {spec!r}: use KIND:COUNT with KIND in {', '.join(FAULTS)} "
+                         f"and 0 < COUNT < {len(names)} sites")
+    chosen = np.random.default_rng(seed).choice(len(names), int(count), replace=False)
+    return {names[i]: kind for i in sorted(chosen)}
+
+
 def _quiet_flower() -> None:
     """Flower logs through its own handler; keep its per-round chatter out of our progress."""
     flwr_log = logging.getLogger("flwr")
@@ -87,9 +106,13 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     (s.out / "config.yaml").write_text(to_yaml(cfg))
     partitions = write_partitions(s.out / "partitions.json", source.classes, sites)
     server = make_server_app({"run-dir": str(s.out), "num-rounds": s.rounds,
-                              "min-sites": len(sites), "strategy": s.strategy,
-                              "config-file": str(s.out / "config.yaml")})
-    client = make_client_app({"partitions": str(partitions), "threads": 1,
+                              "min-sites": min(s.min_sites, len(sites)), "strategy": s.strategy,
+                              "config-file": str(s.out / "config.yaml"),
+                              **dict(s.strategy_options)})
+    faults = faulty_sites(s.fault, sorted(sites), s.seed)
+    if faults:
+        log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))
+    client = make_client_app({"partitions": str(partitions), "threads": 1, "faults": faults,
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False,

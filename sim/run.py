@@ -32,7 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="Dirichlet concentration (label skew)")
     p.add_argument("--preset", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"))
-    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--strategy", default="fedavg",
+                   choices=("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum"))
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox")
+    p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean")
+    p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
+    p.add_argument("--min-sites", type=int, default=2,
+                   help="fewest valid updates a round aggregates (all sites always train)")
+    p.add_argument("--fault", metavar="KIND:COUNT",
+                   help="COUNT sites (chosen by the seed) misbehave every round: "
+                        "nan, shape, scale (x1e6) or dropout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
     p.add_argument("--config", type=Path, help="YAML config; flags override it")

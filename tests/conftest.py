@@ -24,3 +24,14 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Generated caches go to a per-session temp folder, never the user's home."""
     monkeypatch.setenv("EGCMF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's runtime sets the process's task identity before it calls an app or builds a
+    Message; tests that do either without a runtime set it too."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None

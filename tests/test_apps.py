@@ -16,6 +16,7 @@ from fl_client.client_app import make_client_app
 from fl_server.federation import FederationSettings
 
 KERNEL_MAX = 7  # largest convolution kernel in the network
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(kind: str, variant: str = "full", rnd: int = 1) -> Message:
@@ -31,16 +32,6 @@ def _message(kind: str, variant: str = "full", rnd: int = 1) -> Message:
 def _context(node_config: dict) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                    run_config={})
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower's runtime sets the process's task identity before it calls an app; so do we."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
 
 
 @pytest.fixture

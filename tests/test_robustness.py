@@ -1,0 +1,124 @@
+"""Update validation on the server, one test per rule, and every kind of injected fault."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fl_client.faults import FAULTS, inject_fault
+from fl_server.strategy import STRATEGIES, StrategyOptions, make_strategy
+from fl_server.validation import validate_updates
+from sim.run import main as sim_main
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _state(seed: int = 0, scale: float = 1.0) -> OrderedDict:
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict([("conv.weight", torch.randn(4, 3, 3, 3, generator=g) * scale),
+                        ("bn.running_mean", torch.zeros(4)),
+                        ("bn.num_batches_tracked", torch.tensor(3))])
+
+
+def _reply(site: str, state: OrderedDict) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "metrics": MetricRecord({"num-examples": 4}),
+                          "site": ConfigRecord({"name": site})})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def _site(msg: Message) -> str:
+    return str(msg.content["site"]["name"])
+
+
+def _check(bad: OrderedDict) -> list[str]:
+    reference = ArrayRecord(_state(0))
+    replies = [_reply("a", _state(1)), _reply("b", _state(2)), _reply("bad", bad)]
+    kept, rejected = validate_updates(replies, reference, _site, max_ratio=10.0)
+    assert [_site(m) for m in kept] == ["a", "b"]
+    assert [r.site for r in rejected] == ["bad"]
+    return [r.reason for r in rejected]
+
+
+def test_healthy_updates_pass() -> None:
+    replies = [_reply(s, _state(i)) for i, s in enumerate("abc", start=1)]
+    kept, rejected = validate_updates(replies, ArrayRecord(_state(0)), _site, 10.0)
+    assert len(kept) == 3
+    assert rejected == []
+
+
+def test_wrong_number_of_arrays() -> None:
+    bad = _state(3)
+    del bad["bn.running_mean"]
+    assert "wrong arrays" in _check(bad)[0]
+
+
+def test_wrong_shape() -> None:
+    bad = _state(3)
+    bad["conv.weight"] = torch.randn(5, 3, 3, 3)
+    assert "shape" in _check(bad)[0]
+
+
+def test_wrong_dtype() -> None:
+    bad = _state(3)
+    bad["conv.weight"] = bad["conv.weight"].double()
+    assert "float64" in _check(bad)[0]
+
+
+def test_nan_or_inf() -> None:
+    bad = _state(3)
+    bad["bn.running_mean"][1] = float("inf")
+    assert "NaN or Inf" in _check(bad)[0]
+
+
+def test_norm_far_outside_the_others() -> None:
+    assert "median of the others" in _check(_state(3, scale=1e4))[0]
+
+
+def test_missing_arrays() -> None:
+    msg = _reply("bad", _state(3))
+    del msg.content["arrays"]
+    kept, rejected = validate_updates([msg], ArrayRecord(_state(0)), _site, 10.0)
+    assert kept == []
+    assert "no arrays" in rejected[0].reason
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "scale"])
+def test_each_corrupting_fault_is_rejected(kind: str) -> None:
+    assert _check(inject_fault(kind, _state(3)))
+
+
+def test_dropout_fault_kills_the_site() -> None:
+    with pytest.raises(RuntimeError, match="dropout"):
+        inject_fault("dropout", _state(0))
+    assert FAULTS == ("nan", "shape", "scale", "dropout")
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_is_flowers_own(name: str) -> None:
+    strategy = make_strategy(StrategyOptions(name=name, min_sites=3))
+    assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy(StrategyOptions(name="fedsgd"))
+
+
+@pytest.mark.parametrize("kind", ["dropout", "nan"])
+def test_simulation_survives_a_faulty_site(kind: str, tmp_path: Path, synth_root: Path) -> None:
+    out = tmp_path / kind
+    assert sim_main(["--clients", "3", "--rounds", "2", "--local-epochs", "1", "--variant",
+                     "unet", "--data", str(synth_root), "--dataset", "synthetic", "--fault",
+                     f"{kind}:1", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    assert all(np.isfinite(x["dice"]) and np.isfinite(x["loss"]) for x in lines)
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    expected = "error" if kind == "dropout" else "rejected"
+    assert sum(e["kind"] == expected for e in events) >= 2  # every round
+    for x in lines:  # the faulty site's update never counted
+        assert len([s for s, v in x["sites"].items() if "train_loss" in v]) == 2
