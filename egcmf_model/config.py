@@ -84,12 +84,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = False  # DP-SGD (Opacus) at every site; needs model.norm=group
+    epsilon: float = 8.0  # each site's total budget over all rounds
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound
+    noise_multiplier: float = 0.0  # 0 = calibrated to spend epsilon over planned_rounds
+    planned_rounds: int = 20  # rounds the noise is calibrated for
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = field(default="tiny", metadata=_choice(*PRESETS))
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dp: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def load_config(

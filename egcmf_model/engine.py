@@ -79,6 +79,8 @@ def train_epoch(
     # disable=None: no bar when stderr is not a terminal (CI logs, background runs)
     for batch in tqdm(loader, desc=progress, disable=True if progress is None else None,
                       leave=False):
+        if not batch["he"].shape[0]:  # Poisson sampling (DP-SGD) can draw an empty batch
+            continue
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = loss_fn(forward(model, batch), batch)

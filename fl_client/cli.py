@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=300.0,
                    help="seconds to keep retrying while the server is unreachable")
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
+    p.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus) at this site")
+    p.add_argument("--epsilon", type=float, default=8.0, help="this site's privacy budget")
+    p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from .node import JoinError, JoinOptions, join
 
     opts = JoinOptions(site=args.site, server=args.server, data=args.data, certs=args.certs,
-                       device=args.device, max_wait=args.max_wait, insecure=args.insecure)
+                       device=args.device, max_wait=args.max_wait, insecure=args.insecure,
+                       dp=args.dp, epsilon=args.epsilon, delta=args.delta)
     try:
         join(opts)
     except KeyboardInterrupt:

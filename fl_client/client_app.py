@@ -6,7 +6,10 @@ never an image, a mask, a path or an ROI id.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ from egcmf_model.config import Config, from_dict
 from egcmf_model.engine import build_model, pick_device
 
 from .faults import inject_fault
+from .privacy import PrivacyLedger
 from .site import SiteData, resolve_site
 from .train import local_evaluate, local_train, round_seed
 
@@ -36,7 +40,9 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
         options = msg.content["config"]
         seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
         mu = float(options.get("proximal-mu", 0.0))
-        metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu)
+        ledger = PrivacyLedger(_state_dir(context, fixed) / site.name / "privacy.json")
+        metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu, ledger,
+                              site.name)
         state = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
         return _reply(msg, site, metrics, ArrayRecord(state))
 
@@ -50,10 +56,28 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     return app
 
 
+def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
+    """Where this site keeps what must outlive a run (its privacy ledger)."""
+    node = dict(context.node_config)
+    default = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "sites"
+    return Path(str(node.get("state-dir", defaults.get("state-dir", default))))
+
+
+def _site_privacy(cfg: Config, node: dict[str, Any]) -> Config:
+    """A site's own DP-SGD settings (fl-client --dp --epsilon --delta) override the server's."""
+    if not node.get("dp"):
+        return cfg
+    dp = dataclasses.replace(cfg.dp, enabled=True,
+                             epsilon=float(node.get("dp-epsilon", cfg.dp.epsilon)),
+                             delta=float(node.get("dp-delta", cfg.dp.delta)))
+    return dataclasses.replace(cfg, dp=dp)
+
+
 def _setup(msg: Message, context: Context, defaults: dict[str, Any]
            ) -> tuple[Config, SiteData, torch.nn.Module, torch.device]:
     node = dict(context.node_config)
     cfg = from_dict(yaml.safe_load(str(msg.content["config"]["egcmf-config"])), "server config")
+    cfg = _site_privacy(cfg, node)
     site = resolve_site(node, defaults)
     if tuple(cfg.data.classes) != site.classes:
         raise ValueError(f"site {site.name}: classes {list(site.classes)} differ from the "

@@ -39,6 +39,9 @@ class JoinOptions:
     device: str = "auto"
     max_wait: float = 300.0
     insecure: bool = False
+    dp: bool = False  # DP-SGD at this site, with its own budget
+    epsilon: float = 8.0
+    delta: float = 1e-5
 
 
 def join(opts: JoinOptions) -> None:
@@ -118,7 +121,11 @@ def _run_supernode(opts: JoinOptions, host: str, port: int) -> None:
 
 
 def _supernode_args(opts: JoinOptions, host: str, port: int) -> list[str]:
-    node_config = f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}'"
+    state = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "sites"
+    node_config = (f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}' "
+                   f"state-dir='{state}'")
+    if opts.dp:
+        node_config += f" dp=true dp-epsilon={opts.epsilon!r} dp-delta={opts.delta!r}"
     args = [flower_executable("flower-supernode"), "--superlink", f"{host}:{port}",
             "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port()),
             "--max-wait-time", str(opts.max_wait)]

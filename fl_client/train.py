@@ -19,7 +19,10 @@ from egcmf_model.engine import evaluate, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
+from .privacy import PrivacyLedger, make_private
+
 log = logging.getLogger(__name__)
+NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -29,14 +32,15 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
 
 
 def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
-                cfg: Config, device: torch.device, seed: int, proximal_mu: float = 0.0
-                ) -> dict[str, float]:
+                cfg: Config, device: torch.device, seed: int, proximal_mu: float = 0.0,
+                ledger: PrivacyLedger | None = None, site: str = "") -> dict[str, float]:
     """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``.
 
     With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is trained.
     """
     if cfg.train.skip:
-        return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0}
+        return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
+                "epsilon": NO_DP}
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     cfg_seeded = _with_seed(cfg, seed)
     loader = make_loader(records, classes, cfg_seeded, train=True, generator=generator)
@@ -46,10 +50,22 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     stats: dict[str, float] = {}
     start = time.perf_counter()
     extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    examples, trained, engine = len(loader.dataset), model, None
+    if cfg.dp.enabled:
+        if ledger is None:
+            raise ValueError("DP-SGD needs a privacy ledger (the site's state folder)")
+        trained, optimizer, loader, engine = make_private(model, optimizer, loader, cfg.dp,
+                                                          ledger, cfg.train.epochs, site)
     for _ in range(cfg.train.epochs):
-        stats = train_epoch(model, loader, optimizer, device, loss_fn, extra_loss=extra)
-    return {"train_loss": float(stats["loss"]), "num-examples": len(loader.dataset),
-            "train_s": time.perf_counter() - start}
+        stats = train_epoch(trained, loader, optimizer, device, loss_fn, extra_loss=extra)
+    epsilon = NO_DP
+    if engine is not None:
+        ledger.save(engine.accountant.history)
+        epsilon = ledger.epsilon(cfg.dp.delta)
+        trained.del_grad_sample()  # leave the plain model behind, as it came in
+        trained.remove_hooks()
+    return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
+            "train_s": time.perf_counter() - start, "epsilon": epsilon}
 
 
 def proximal_term(model: torch.nn.Module, mu: float):

@@ -81,8 +81,12 @@ class RunRecorder:
         if self.best is None and lines:  # runs that did not checkpoint every round
             top = max(lines, key=lambda x: x["dice"] if x["dice"] is not None else -1.0)
             self.best = {"round": top["round"], "dice": top["dice"]}
+        epsilon = {site: v["epsilon"] for line in lines for site, v in line["sites"].items()
+                   if "epsilon" in v}  # the latest value of each site wins
         summary = {"rounds": len(lines), "final": lines[-1] if lines else None,
                    "best": self.best, "classes": list(self.classes), **extra}
+        if epsilon:
+            summary["epsilon"] = epsilon
         (self.dir / "summary.json").write_text(json.dumps(clean(summary), indent=2))
         return summary
 

@@ -21,7 +21,10 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     flags = {"data.dataset": args.dataset, "data.root": args.data,
              "data.partition": args.partition, "data.alpha": args.alpha,
              "model.variant": args.variant, "train.epochs": args.local_epochs,
-             "train.seed": args.seed}
+             "train.seed": args.seed, "dp.epsilon": args.epsilon, "dp.delta": args.delta}
+    if args.dp:  # DP-SGD needs per-sample gradients: GroupNorm instead of BatchNorm
+        flags.update({"dp.enabled": True, "model.norm": "group",
+                      "dp.planned_rounds": args.rounds})
     sets = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.preset, args.config, [*args.overrides, *sets])
     source = open_source(cfg.data, 4 * cfg.model.in_size)

@@ -113,6 +113,7 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     if faults:
         log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))
     client = make_client_app({"partitions": str(partitions), "threads": 1, "faults": faults,
+                              "state-dir": str(s.out / "site_state"),
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False,

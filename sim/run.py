@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
     p.add_argument("--min-sites", type=int, default=2,
                    help="fewest valid updates a round aggregates (all sites always train)")
+    p.add_argument("--dp", action="store_true",
+                   help="DP-SGD at every site (Opacus; GroupNorm network); see --epsilon")
+    p.add_argument("--epsilon", type=float, help="each site's privacy budget (default 8)")
+    p.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
     p.add_argument("--fault", metavar="KIND:COUNT",
                    help="COUNT sites (chosen by the seed) misbehave every round: "
                         "nan, shape, scale (x1e6) or dropout")

@@ -1,0 +1,92 @@
+"""DP-SGD at a site with Opacus, against a privacy budget that is accounted and enforced.
+
+One RDP accountant per site accumulates every round's (noise multiplier, sample rate, steps);
+its history is saved on the site's own disk after each round, because Flower's
+``context.state`` lasts one run only and each ClientApp call may be a fresh process. Before a
+round the site computes the epsilon it would reach; if that exceeds its budget it refuses to
+train (it still evaluates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
+
+from egcmf_model.config import PrivacyConfig
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExhausted(RuntimeError):
+    """Training this round would spend more privacy than the site's budget allows."""
+
+
+class PrivacyLedger:
+    """The accountant's history for one site, kept in ``path`` (JSON)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.history: list[tuple[float, float, int]] = []
+        if path.exists():
+            self.history = [tuple(h) for h in json.loads(path.read_text())["history"]]
+
+    def epsilon(self, delta: float, extra: list[tuple[float, float, int]] = ()) -> float:
+        if not self.history and not extra:
+            return 0.0
+        accountant = RDPAccountant()
+        accountant.history = [*self.history, *extra]
+        return float(accountant.get_epsilon(delta))
+
+    def save(self, history: list[tuple[float, float, int]]) -> None:
+        self.history = [tuple(h) for h in history]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"history": [list(h) for h in self.history]}))
+        tmp.replace(self.path)
+
+
+def check_compatible(model: torch.nn.Module) -> None:
+    """Opacus's validator: no BatchNorm (per-sample gradients need GroupNorm), among others."""
+    model.train()
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"the federation's model is not DP-SGD compatible ({errors[0]}); the "
+                         "centre must use GroupNorm: --set model.norm=group (fl-server --dp)")
+
+
+def plan(dp: PrivacyConfig, sample_rate: float, steps: int) -> float:
+    """Noise multiplier: as configured, or calibrated to reach epsilon after planned rounds."""
+    if dp.noise_multiplier > 0:
+        return dp.noise_multiplier
+    return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
+                                      sample_rate=sample_rate,
+                                      steps=steps * max(1, dp.planned_rounds)))
+
+
+def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLedger,
+                 epochs: int, site: str):
+    """Opacus-wrapped (model, optimizer, loader) and the engine, after the budget check."""
+    check_compatible(model)
+    sample_rate = 1 / len(loader)  # as Opacus defines it for its Poisson-sampled loader
+    steps = epochs * len(loader)
+    sigma = plan(dp, sample_rate, steps)
+    after = ledger.epsilon(dp.delta, [(sigma, sample_rate, steps)])
+    if after > dp.epsilon * (1 + 1e-6):
+        raise BudgetExhausted(f"site {site}: privacy budget spent: this round would bring "
+                              f"epsilon from {ledger.epsilon(dp.delta):.3f} to {after:.3f} > "
+                              f"{dp.epsilon:g} (delta {dp.delta:g}); not training")
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = list(ledger.history)
+    private = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                  noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
+                                  poisson_sampling=True)
+    log.info("site %s: DP-SGD with noise %.3f, clip %.2f, sample rate %.3f", site, sigma,
+             dp.max_grad_norm, sample_rate)
+    return (*private, engine)
