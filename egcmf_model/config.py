@@ -81,6 +81,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are already
     skip: bool = False  # benchmarks only: sites return the weights untouched, no training
+    keep_norm_local: bool = False  # FedBN: each site keeps its own normalisation layers
 
 
 @dataclass(frozen=True)

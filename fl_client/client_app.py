@@ -21,6 +21,7 @@ from egcmf_model.config import Config, from_dict
 from egcmf_model.engine import build_model, pick_device
 
 from .faults import inject_fault
+from .fedbn import restore_local_norms, save_local_norms
 from .privacy import PrivacyLedger
 from .site import SiteData, resolve_site
 from .train import local_evaluate, local_train, round_seed
@@ -40,9 +41,11 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
         options = msg.content["config"]
         seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
         mu = float(options.get("proximal-mu", 0.0))
-        ledger = PrivacyLedger(_state_dir(context, fixed) / site.name / "privacy.json")
-        metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu, ledger,
-                              site.name)
+        state = _state_dir(context, fixed) / site.name
+        metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
+                              PrivacyLedger(state / "privacy.json"), site.name)
+        if cfg.train.keep_norm_local:
+            save_local_norms(model, state / "norm_layers.pt")
         state = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
         return _reply(msg, site, metrics, ArrayRecord(state))
 
@@ -86,6 +89,8 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
     torch.set_num_threads(int(defaults.get("threads", torch.get_num_threads())))
     model = build_model(cfg.model, site.classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if cfg.train.keep_norm_local:
+        restore_local_norms(model, _state_dir(context, defaults) / site.name / "norm_layers.pt")
     return cfg, site, model.to(device), device
 
 

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-update-ratio", type=float, default=10.0,
                    help="reject updates whose norm exceeds this x the median of the others")
     p.add_argument("--resume", action="store_true", help="continue after the last saved round")
+    p.add_argument("--keep-norm-local", action="store_true",
+                   help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
                    help="DP-SGD at every site: GroupNorm network, noise planned for --rounds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication")
@@ -81,7 +83,9 @@ def _start(args: argparse.Namespace) -> int:
                          "fl-server certs --sites a,b, or pass --certs DIR")
     run_dir = args.run_dir or Path("runs") / time.strftime("federation-%Y%m%d-%H%M%S")
     dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.rounds}"]
-    cfg = load_config(args.preset, args.config, [*args.overrides, *(dp if args.dp else [])])
+    fedbn = ["train.keep_norm_local=true"] if args.keep_norm_local else []
+    cfg = load_config(args.preset, args.config,
+                      [*args.overrides, *(dp if args.dp else []), *fedbn])
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     config_file.write_text(to_yaml(cfg))

@@ -25,7 +25,12 @@ from egcmf_model.engine import build_model, seed_everything
 from egcmf_model.metrics import SegmentationMetrics
 
 from .recorder import RunRecorder
-from .strategy import StrategyOptions, make_strategy
+from .strategy import (
+    StrategyOptions,
+    make_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 from .validation import validate_updates
 
 log = logging.getLogger(__name__)
@@ -69,7 +74,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
-    start = 0
+    start, payload = 0, None
     if settings.resume:
         start, payload = recorder.last_round()
         if payload is not None:
@@ -77,6 +82,8 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
             recorder.event("resume", f"resuming after round {start}")
             log.info("resuming after round %d", start)
     strategy = make_strategy(settings.strategy_options())
+    if payload is not None:
+        restore_strategy_state(strategy, payload.get("strategy_state", {}))
     arrays = ArrayRecord(model.state_dict())
     config = ConfigRecord({"egcmf-config": to_yaml(cfg)})
     seconds = {}
@@ -86,7 +93,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         train_s = line.pop("train_s")
         model.load_state_dict(arrays.to_torch_state_dict())
         arrays = ArrayRecord(model.state_dict())  # back to the network's dtypes (int counters)
-        recorder.record_round(rnd, model, line)
+        recorder.record_round(rnd, model, line, strategy_state(strategy))
         seconds[rnd] = {"round": round(time.perf_counter() - began, 3), "site_train": train_s}
         _log_round(rnd, settings.num_rounds, line)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,

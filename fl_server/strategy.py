@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -44,3 +45,18 @@ def make_strategy(opts: StrategyOptions) -> Strategy:
     if opts.name not in builders:
         raise ValueError(f"unknown strategy {opts.name!r}; choose one of {', '.join(STRATEGIES)}")
     return builders[opts.name]()
+
+
+STATEFUL = ("m_t", "v_t")  # FedOpt family (FedAdam): first and second moment estimates
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """What a strategy learns across rounds, for the round checkpoint (empty for most)."""
+    return {name: dict(getattr(strategy, name)) for name in STATEFUL
+            if getattr(strategy, name, None)}
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    for name, value in state.items():
+        if name in STATEFUL and hasattr(strategy, name):
+            setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})

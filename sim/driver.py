@@ -22,6 +22,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
              "data.partition": args.partition, "data.alpha": args.alpha,
              "model.variant": args.variant, "train.epochs": args.local_epochs,
              "train.seed": args.seed, "dp.epsilon": args.epsilon, "dp.delta": args.delta}
+    if args.keep_norm_local:
+        flags["train.keep_norm_local"] = True
     if args.dp:  # DP-SGD needs per-sample gradients: GroupNorm instead of BatchNorm
         flags.update({"dp.enabled": True, "model.norm": "group",
                       "dp.planned_rounds": args.rounds})

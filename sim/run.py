@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
     p.add_argument("--min-sites", type=int, default=2,
                    help="fewest valid updates a round aggregates (all sites always train)")
+    p.add_argument("--keep-norm-local", action="store_true",
+                   help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
                    help="DP-SGD at every site (Opacus; GroupNorm network); see --epsilon")
     p.add_argument("--epsilon", type=float, help="each site's privacy budget (default 8)")

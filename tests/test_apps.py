@@ -116,3 +116,28 @@ def test_bench_skip_returns_the_weights_untouched(site_context: Context) -> None
     back = reply.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(sent[k], back[k]) for k in sent)
     assert reply.content["metrics"]["train_s"] == 0.0
+
+
+def test_fedbn_keeps_normalisation_layers_at_the_site(site_context: Context,
+                                                      tmp_path: Path) -> None:
+    from fl_client.fedbn import norm_state, restore_local_norms
+
+    context = _context({**dict(site_context.node_config), "state-dir": str(tmp_path)})
+    msg = _message(MessageType.TRAIN, "unet")
+    msg.content["config"]["egcmf-config"] = to_yaml(apply_overrides(
+        load_config("tiny"), ["model.variant=unet", "train.epochs=1",
+                              "train.keep_norm_local=true"]))
+    reply = make_client_app()(msg, context)
+    saved = tmp_path / "plagh" / "norm_layers.pt"
+    assert saved.exists()
+    trained = reply.content["arrays"].to_torch_state_dict()
+    local = torch.load(saved, weights_only=True)
+    assert local
+    assert all(torch.equal(local[k], trained[k]) for k in local)
+    fresh = build_model(load_config("tiny", overrides=["model.variant=unet"]).model,
+                        ("background", "in_situ", "invasive"))
+    norms = {n for n, m in fresh.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {k.rsplit(".", 1)[0] for k in local} == norms  # all norm layers, nothing else
+    assert restore_local_norms(fresh, saved)
+    state = norm_state(fresh)
+    assert all(torch.equal(state[k], local[k]) for k in local)

@@ -122,3 +122,18 @@ def test_simulation_survives_a_faulty_site(kind: str, tmp_path: Path, synth_root
     assert sum(e["kind"] == expected for e in events) >= 2  # every round
     for x in lines:  # the faulty site's update never counted
         assert len([s for s, v in x["sites"].items() if "train_loss" in v]) == 2
+
+
+def test_fedadam_moments_survive_a_checkpoint(tmp_path: Path) -> None:
+    from fl_server.strategy import restore_strategy_state, strategy_state
+
+    a = make_strategy(StrategyOptions(name="fedadam"))
+    a.m_t = {"w": np.ones(3)}
+    a.v_t = {"w": np.full(3, 2.0)}
+    torch.save({"strategy_state": strategy_state(a)}, tmp_path / "round_001.pt")
+    b = make_strategy(StrategyOptions(name="fedadam"))
+    restore_strategy_state(b, torch.load(tmp_path / "round_001.pt",
+                                         weights_only=False)["strategy_state"])
+    assert np.array_equal(b.m_t["w"], a.m_t["w"])
+    assert np.array_equal(b.v_t["w"], a.v_t["w"])
+    assert strategy_state(make_strategy(StrategyOptions(name="fedavg"))) == {}
