@@ -40,7 +40,7 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     """
     if cfg.train.skip:
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
-                "epsilon": NO_DP}
+                "epsilon": NO_DP, "site-weight": 1}
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     cfg_seeded = _with_seed(cfg, seed)
     loader = make_loader(records, classes, cfg_seeded, train=True, generator=generator)
@@ -65,7 +65,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         trained.del_grad_sample()  # leave the plain model behind, as it came in
         trained.remove_hooks()
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
-            "train_s": time.perf_counter() - start, "epsilon": epsilon}
+            "train_s": time.perf_counter() - start, "epsilon": epsilon,
+            "site-weight": 1}  # for aggregations that count sites, not tiles
 
 
 def proximal_term(model: torch.nn.Module, mu: float):
@@ -84,13 +85,13 @@ def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tu
     if cfg.train.skip:
         k = len(classes)
         return {"dice": 0.0, "miou": 0.0, "acc": 0.0, "loss": 0.0, "num-examples": len(records),
-                "confusion": [0] * (k * k)}
+                "confusion": [0] * (k * k), "site-weight": 1}
     loader = make_loader(records, classes, cfg, train=False)
     result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma))
     return {"dice": _finite(result["dice"]), "miou": _finite(result["miou"]),
             "acc": _finite(result["acc"]), "loss": float(result["loss"]),
             "num-examples": int(result["num-examples"]),
-            "confusion": [int(c) for row in result["confusion"] for c in row]}
+            "confusion": [int(c) for row in result["confusion"] for c in row], "site-weight": 1}
 
 
 def _finite(value: float) -> float:

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-update-ratio", type=float, default=10.0,
                    help="reject updates whose norm exceeds this x the median of the others")
     p.add_argument("--resume", action="store_true", help="continue after the last saved round")
+    p.add_argument("--server-dp-noise", type=float, default=0.0,
+                   help="> 0: Flower's server-side client-level DP (fedavg), noise multiplier")
+    p.add_argument("--server-dp-clip", type=float, default=10.0,
+                   help="server-side DP: clipping norm of each site's update")
+    p.add_argument("--server-dp-epsilon", type=float, default=0.0,
+                   help="server-side DP: stop once the next round would exceed it (0: never)")
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
@@ -94,7 +100,10 @@ def _start(args: argparse.Namespace) -> int:
                         rounds=args.rounds, min_sites=args.min_sites, strategy=args.strategy,
                         resume=args.resume, extra_run_config={
                             "proximal-mu": args.proximal_mu, "trim-fraction": args.trim_fraction,
-                            "krum-f": args.krum_f, "max-update-ratio": args.max_update_ratio})
+                            "krum-f": args.krum_f, "max-update-ratio": args.max_update_ratio,
+                            "server-dp-noise": args.server_dp_noise,
+                            "server-dp-clip": args.server_dp_clip,
+                            "server-dp-epsilon": args.server_dp_epsilon})
     summary = start_federation(opts)
     best = summary.get("best") or {}
     log.info("done: %d rounds; best Dice %s in round %s; files in %s", summary["rounds"],

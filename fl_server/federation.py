@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import load_config, to_yaml
@@ -50,10 +51,17 @@ class FederationSettings:
     trim_fraction: float = 0.2  # trimmed-mean
     krum_f: int = 1  # krum
     server_lr: float = 0.01  # fedadam
+    sites: int = 0  # sites in the federation (server-side DP); 0 = min_sites
+    server_dp_noise: float = 0.0  # > 0: Flower's server-side client-level DP
+    server_dp_clip: float = 10.0
+    server_dp_epsilon: float = 0.0
+    server_dp_delta: float = 1e-5
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(self.strategy, self.min_sites, self.proximal_mu,
-                               self.trim_fraction, self.krum_f, self.server_lr)
+                               self.trim_fraction, self.krum_f, self.server_lr,
+                               self.sites or self.min_sites, self.server_dp_noise,
+                               self.server_dp_clip, self.server_dp_epsilon, self.server_dp_delta)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], defaults: dict[str, Any]
@@ -89,7 +97,16 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     seconds = {}
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
-        arrays, line = run_round(grid, strategy, rnd, arrays, config, settings, recorder, classes)
+        try:
+            arrays, line = run_round(grid, strategy, rnd, arrays, config, settings, recorder,
+                                     classes)
+        except PrivacyBudgetExhausted as exc:
+            recorder.event("privacy", f"stopping before round {rnd}: {exc}", round=rnd)
+            log.warning("server-side DP budget spent; stopping before round %d", rnd)
+            break
+        accountant = getattr(strategy, "accountant", None)
+        if accountant is not None:  # server-side DP: the released model's cumulative epsilon
+            line["server_epsilon"] = float(accountant.get_privacy_spent().epsilon)
         train_s = line.pop("train_s")
         model.load_state_dict(arrays.to_torch_state_dict())
         arrays = ArrayRecord(model.state_dict())  # back to the network's dtypes (int counters)

@@ -26,6 +26,11 @@ class StrategyOptions:
     trim_fraction: float = 0.2  # trimmed-mean: share cut at each end, per coordinate
     krum_f: int = 1  # krum: number of malicious sites tolerated
     server_lr: float = 0.01  # fedadam: server learning rate (eta)
+    sites: int = 2  # sites taking part in every round (server-side DP samples all of them)
+    server_dp_noise: float = 0.0  # > 0: Flower's server-side client-level DP (fixed clipping)
+    server_dp_clip: float = 10.0  # clipping norm of each site's update
+    server_dp_epsilon: float = 0.0  # > 0: stop when the next round would exceed it
+    server_dp_delta: float = 1e-5
 
 
 def make_strategy(opts: StrategyOptions) -> Strategy:
@@ -44,7 +49,36 @@ def make_strategy(opts: StrategyOptions) -> Strategy:
     }
     if opts.name not in builders:
         raise ValueError(f"unknown strategy {opts.name!r}; choose one of {', '.join(STRATEGIES)}")
-    return builders[opts.name]()
+    if opts.server_dp_noise <= 0:
+        return builders[opts.name]()
+    if opts.name != "fedavg":
+        raise ValueError("server-side DP wraps fedavg only")
+    return _server_side_dp(opts, common)
+
+
+def _server_side_dp(opts: StrategyOptions, common: dict) -> Strategy:
+    """Flower's DifferentialPrivacyServerSideFixedClipping over an unweighted FedAvg, with its
+    RDP accountant: client-level DP against what the released global model reveals."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+    from flwr.supercore.privacy_accounting import (
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    accountant = RdpAccountant(PrivacyConfig(
+        target_delta=opts.server_dp_delta, population_size=opts.sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=opts.server_dp_epsilon or None))
+    inner = FedAvg(**{**common, "min_available_nodes": opts.sites}, weighted_by_key=SITE_WEIGHT)
+    return DifferentialPrivacyServerSideFixedClipping(
+        inner, noise_multiplier=opts.server_dp_noise, clipping_norm=opts.server_dp_clip,
+        num_sampled_clients=opts.sites, accountant=accountant)
+
+
+SITE_WEIGHT = "site-weight"  # 1 for every site: client-level DP averages sites uniformly
 
 
 STATEFUL = ("m_t", "v_t")  # FedOpt family (FedAdam): first and second moment estimates

@@ -41,7 +41,10 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                            fault=args.fault or "",
                            strategy_options=(("proximal-mu", args.proximal_mu),
                                              ("trim-fraction", args.trim_fraction),
-                                             ("krum-f", args.krum_f)))
+                                             ("krum-f", args.krum_f),
+                                             ("server-dp-noise", args.server_dp_noise),
+                                             ("server-dp-clip", args.server_dp_clip),
+                                             ("server-dp-epsilon", args.server_dp_epsilon)))
     return cfg, source, settings
 
 

@@ -108,7 +108,7 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     server = make_server_app({"run-dir": str(s.out), "num-rounds": s.rounds,
                               "min-sites": min(s.min_sites, len(sites)), "strategy": s.strategy,
                               "config-file": str(s.out / "config.yaml"),
-                              **dict(s.strategy_options)})
+                              "sites": len(sites), **dict(s.strategy_options)})
     faults = faulty_sites(s.fault, sorted(sites), s.seed)
     if faults:
         log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))

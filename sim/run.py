@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
     p.add_argument("--min-sites", type=int, default=2,
                    help="fewest valid updates a round aggregates (all sites always train)")
+    p.add_argument("--server-dp-noise", type=float, default=0.0,
+                   help="> 0: Flower's server-side client-level DP (fedavg), noise multiplier")
+    p.add_argument("--server-dp-clip", type=float, default=10.0,
+                   help="server-side DP: clipping norm of each site's update")
+    p.add_argument("--server-dp-epsilon", type=float, default=0.0,
+                   help="server-side DP: stop once the next round would exceed it (0: never)")
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",

@@ -87,3 +87,21 @@ def test_dp_simulation_reports_epsilon_per_site(synth_root: Path, tmp_path: Path
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["epsilon"]) == set(lines[0]["sites"])
     assert "norm: group" in (out / "config.yaml").read_text()
+
+
+def test_server_side_dp_accounts_and_stops_at_its_budget(synth_root: Path,
+                                                          tmp_path: Path) -> None:
+    """Flower's DifferentialPrivacyServerSideFixedClipping with its RDP accountant."""
+    common = ["--clients", "2", "--variant", "unet", "--data", str(synth_root), "--dataset",
+              "synthetic", "--local-epochs", "1", "--server-dp-noise", "1.0",
+              "--server-dp-clip", "5.0"]
+    out = tmp_path / "sdp"
+    assert sim_main([*common, "--rounds", "2", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < lines[0]["server_epsilon"] < lines[1]["server_epsilon"]
+    budget = (lines[0]["server_epsilon"] + lines[1]["server_epsilon"]) / 2
+    capped = tmp_path / "capped"
+    assert sim_main([*common, "--rounds", "3", "--server-dp-epsilon", str(budget),
+                     "--out", str(capped)]) == 0
+    assert len((capped / "metrics.jsonl").read_text().splitlines()) == 1  # stopped in time
+    assert "privacy" in (capped / "events.jsonl").read_text()
