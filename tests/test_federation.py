@@ -163,3 +163,17 @@ def test_resume_after_the_server_is_killed(federation: Path, synth_root: Path) -
     assert done >= 1
     events = (tmp / "run" / "events.jsonl").read_text()
     assert "resuming after round" in events
+
+    # The same federation, uninterrupted, with the same seed: the same metrics, round by round.
+    reference, port = tmp / "reference", free_port()
+    shutil.copytree(tmp / "certs", reference / "certs")
+    server = _server(reference, port, 3)
+    clients = [_client(reference, port, "siteA", synth_root / "site_01", max_wait=10),
+               _client(reference, port, "siteB", synth_root / "site_02", max_wait=10)]
+    try:
+        code, out = _finish(server, 600)
+        assert code == 0, out
+    finally:
+        _stop(server, *clients)
+    assert (reference / "run" / "metrics.jsonl").read_text() == (
+        tmp / "run" / "metrics.jsonl").read_text()
