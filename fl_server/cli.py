@@ -15,8 +15,9 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals do not phone home
 
+from .strategy import add_aggregation_arguments, aggregation_run_config
+
 log = logging.getLogger("fl-server")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,19 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="0.0.0.0:8000", help="HOST:PORT the sites connect to")
     p.add_argument("--certs", type=Path, default=Path("certs"))
     p.add_argument("--run-dir", type=Path, help="default runs/federation-<time>")
-    p.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
-    p.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox")
-    p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean")
-    p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
-    p.add_argument("--max-update-ratio", type=float, default=10.0,
-                   help="reject updates whose norm exceeds this x the median of the others")
+    add_aggregation_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue after the last saved round")
-    p.add_argument("--server-dp-noise", type=float, default=0.0,
-                   help="> 0: Flower's server-side client-level DP (fedavg), noise multiplier")
-    p.add_argument("--server-dp-clip", type=float, default=10.0,
-                   help="server-side DP: clipping norm of each site's update")
-    p.add_argument("--server-dp-epsilon", type=float, default=0.0,
-                   help="server-side DP: stop once the next round would exceed it (0: never)")
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
@@ -98,12 +88,7 @@ def _start(args: argparse.Namespace) -> int:
     opts = StartOptions(run_dir=run_dir, config_file=config_file, host=host, port=int(port),
                         certs=None if args.insecure else args.certs, insecure=args.insecure,
                         rounds=args.rounds, min_sites=args.min_sites, strategy=args.strategy,
-                        resume=args.resume, extra_run_config={
-                            "proximal-mu": args.proximal_mu, "trim-fraction": args.trim_fraction,
-                            "krum-f": args.krum_f, "max-update-ratio": args.max_update_ratio,
-                            "server-dp-noise": args.server_dp_noise,
-                            "server-dp-clip": args.server_dp_clip,
-                            "server-dp-epsilon": args.server_dp_epsilon})
+                        resume=args.resume, extra_run_config=aggregation_run_config(args))
     summary = start_federation(opts)
     best = summary.get("best") or {}
     log.info("done: %d rounds; best Dice %s in round %s; files in %s", summary["rounds"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,31 @@ from flwr.serverapp.strategy import (
 )
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
+
+# Flags shared by `fl-server start` and `sim/run.py`; each maps to the run-config key of its name.
+AGGREGATION_FLAGS = (
+    ("--proximal-mu", float, 0.01, "fedprox: weight of the proximal term the sites add"),
+    ("--trim-fraction", float, 0.2, "trimmed-mean: share cut at each end, per coordinate"),
+    ("--krum-f", int, 1, "krum: malicious sites tolerated"),
+    ("--max-update-ratio", float, 10.0,
+     "reject updates whose norm exceeds this x the median of the others"),
+    ("--server-dp-noise", float, 0.0,
+     "> 0: Flower's server-side client-level DP (fedavg), noise multiplier"),
+    ("--server-dp-clip", float, 10.0, "server-side DP: clipping norm of each site's update"),
+    ("--server-dp-epsilon", float, 0.0,
+     "server-side DP: stop before a round that would exceed it (0: never)"),
+)
+
+
+def add_aggregation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
+    for flag, kind, default, text in AGGREGATION_FLAGS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
+
+
+def aggregation_run_config(args: argparse.Namespace) -> dict[str, float]:
+    """The run-config entries of the aggregation flags (``proximal-mu``, ...)."""
+    return {flag[2:]: getattr(args, flag[2:].replace("-", "_")) for flag, *_ in AGGREGATION_FLAGS}
 
 
 @dataclass(frozen=True)

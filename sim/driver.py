@@ -10,6 +10,7 @@ from typing import Any
 
 from egcmf_model.config import Config, apply_overrides, load_config
 from egcmf_model.data.source import DataSource, open_source
+from fl_server.strategy import aggregation_run_config
 
 from .experiment import SimSettings, run_federated
 
@@ -39,12 +40,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                            strategy=args.strategy, seed=cfg.train.seed,
                            client_gpus=args.client_gpus, min_sites=args.min_sites,
                            fault=args.fault or "",
-                           strategy_options=(("proximal-mu", args.proximal_mu),
-                                             ("trim-fraction", args.trim_fraction),
-                                             ("krum-f", args.krum_f),
-                                             ("server-dp-noise", args.server_dp_noise),
-                                             ("server-dp-clip", args.server_dp_clip),
-                                             ("server-dp-epsilon", args.server_dp_epsilon)))
+                           strategy_options=tuple(aggregation_run_config(args).items()))
     return cfg, source, settings
 
 

@@ -22,6 +22,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiets a Ray
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fl_server.strategy import add_aggregation_arguments
+
     p = argparse.ArgumentParser(prog="sim/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5, help="virtual hospitals (default 5)")
     p.add_argument("--rounds", type=int, default=20)
@@ -32,19 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="Dirichlet concentration (label skew)")
     p.add_argument("--preset", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"))
-    p.add_argument("--strategy", default="fedavg",
-                   choices=("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum"))
-    p.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox")
-    p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean")
-    p.add_argument("--krum-f", type=int, default=1, help="krum: malicious sites tolerated")
+    add_aggregation_arguments(p)
     p.add_argument("--min-sites", type=int, default=2,
                    help="fewest valid updates a round aggregates (all sites always train)")
-    p.add_argument("--server-dp-noise", type=float, default=0.0,
-                   help="> 0: Flower's server-side client-level DP (fedavg), noise multiplier")
-    p.add_argument("--server-dp-clip", type=float, default=10.0,
-                   help="server-side DP: clipping norm of each site's update")
-    p.add_argument("--server-dp-epsilon", type=float, default=0.0,
-                   help="server-side DP: stop once the next round would exceed it (0: never)")
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
