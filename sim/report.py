@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -48,6 +49,7 @@ def plot_curves(lines: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.plot(rounds, [x["dice"] for x in lines], color="black", lw=2.5, marker="o",
             label="global (pooled)")
     ax.set(xlabel="round", ylabel="validation Dice", title=f"{title}: Dice per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -77,6 +79,7 @@ def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> None:
     (out / "comparison.md").write_text("\n".join(["# Federated vs centralized vs local", "",
                                                   *rows, *notes, ""]))
     ax.set(xlabel="round", ylabel="validation Dice", title="Federated vs centralized vs local")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
