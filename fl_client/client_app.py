@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from egcmf_model.config import Config, from_dict
+from egcmf_model.data.source import cache_dir
 from egcmf_model.engine import build_model, pick_device
 
 from .faults import inject_fault
@@ -62,7 +62,7 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
     """Where this site keeps what must outlive a run (its privacy ledger)."""
     node = dict(context.node_config)
-    default = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "sites"
+    default = cache_dir() / "sites"
     return Path(str(node.get("state-dir", defaults.get("state-dir", default))))
 
 

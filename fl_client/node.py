@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egcmf_model.data.sites import check_site, load_site_meta
+from egcmf_model.data.source import cache_dir
 from egcmf_model.procs import flower_env, flower_executable, free_port, supervised
 
 log = logging.getLogger("fl-client")
@@ -121,7 +122,7 @@ def _run_supernode(opts: JoinOptions, host: str, port: int) -> None:
 
 
 def _supernode_args(opts: JoinOptions, host: str, port: int) -> list[str]:
-    state = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "sites"
+    state = cache_dir() / "sites"
     node_config = (f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}' "
                    f"state-dir='{state}'")
     if opts.dp:
@@ -137,7 +138,7 @@ def _supernode_args(opts: JoinOptions, host: str, port: int) -> list[str]:
 
 def _watch(children, opts: JoinOptions, host: str, port: int) -> str:
     """Follow one SuperNode's log until it ends; returns NOT_REGISTERED, LOST or "done"."""
-    logs = Path(os.environ.get("EGCMF_CACHE", Path.home() / ".cache" / "egcmf")) / "logs"
+    logs = cache_dir() / "logs"
     log_file = logs / f"supernode-{opts.site}-{os.getpid()}.log"
     proc = children.start("supernode", _supernode_args(opts, host, port), log_file,
                           flower_env())

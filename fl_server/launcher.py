@@ -67,7 +67,8 @@ def _flower_home(opts: StartOptions) -> Path:
 
 
 def _start_superlink(children: Children, opts: StartOptions, env: dict[str, str]) -> None:
-    if port_open(opts.host if opts.host != "0.0.0.0" else "127.0.0.1", opts.port):
+    probe = "127.0.0.1" if opts.host == "0.0.0.0" else opts.host  # where we can connect
+    if port_open(probe, opts.port):
         raise RuntimeError(f"port {opts.port} on {opts.host} is already in use (another "
                            "fl-server, or one still stopping); choose --address HOST:PORT")
     args = [flower_executable("flower-superlink"), "--host", opts.host, "--port", str(opts.port),
@@ -80,7 +81,7 @@ def _start_superlink(children: Children, opts: StartOptions, env: dict[str, str]
                  "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"]
     proc = children.start("superlink", args, opts.run_dir / "superlink.log", env)
     deadline = time.monotonic() + opts.startup_timeout
-    while not port_open(opts.host if opts.host != "0.0.0.0" else "127.0.0.1", opts.port):
+    while not port_open(probe, opts.port):
         if proc.poll() is not None:
             raise RuntimeError(f"the SuperLink exited at start (code {proc.returncode}); "
                                f"see {opts.run_dir / 'superlink.log'}")

@@ -53,27 +53,29 @@ class RoiDataset(Dataset):
         self.edge_kind, self.edge_band = edge_kind, edge_band
         self.augment, self.stain_jitter = augment, stain_jitter
         self.rng = np.random.default_rng(seed)
-        self.records = [r for r in records if self._usable(r)]
+        sized = [(r, size) for r in records if (size := self._size(r)) is not None]
+        self.records = [r for r, _ in sized]
         self.tiles = [
             (i, y, x)
-            for i, r in enumerate(self.records)
-            for y in tile_origins(image_size(r.he)[0], self.tile)
-            for x in tile_origins(image_size(r.he)[1], self.tile)
+            for i, (_, (height, width)) in enumerate(sized)
+            for y in tile_origins(height, self.tile)
+            for x in tile_origins(width, self.tile)
         ]
         self.bad: set[int] = set()
 
-    def _usable(self, record: RoiRecord) -> bool:
+    def _size(self, record: RoiRecord) -> tuple[int, int] | None:
+        """The ROI's (height, width) from its PNG headers; None (with a warning) if unusable."""
         files = [f for f in (record.he, record.ck56, record.mask) if f is not None]
         try:
             sizes = {image_size(f) for f in files}
         except DataError as exc:
             log.warning("skipping ROI %s: %s", record.roi_id, exc)
-            return False
+            return None
         if len(sizes) > 1:
             log.warning("skipping ROI %s: sizes of %s differ", record.roi_id,
                         ", ".join(str(f) for f in files))
-            return False
-        return True
+            return None
+        return sizes.pop()
 
     def __len__(self) -> int:
         return len(self.tiles)
