@@ -8,6 +8,7 @@ wrong type is a :class:`ConfigError` that names the key and where it came from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -203,6 +204,9 @@ def _check(value: Any, hint: Any, fld: dataclasses.Field, name: str, source: str
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         got = type(value).__name__
         raise ConfigError(f"{source}: {name} must be {hint.__name__}, got {got} {value!r}")

@@ -27,6 +27,10 @@ def test_overrides_from_the_command_line() -> None:
     assert cfg.model.width == 0.25
     assert cfg.train.epochs == 3
     assert cfg.loss.gamma == 1.0
+    # PyYAML reads 3e-3 (no dot) as a string; a float field still takes it.
+    assert load_config("tiny", overrides=["train.lr=3e-3"]).train.lr == 0.003
+    with pytest.raises(ConfigError, match=r"train\.lr must be float"):
+        load_config("tiny", overrides=["train.lr=fast"])
 
 
 def test_user_file_overrides_preset_and_may_choose_it(tmp_path: Path) -> None:
