@@ -94,6 +94,13 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
     arrays = ArrayRecord(model.state_dict())
     config = ConfigRecord({"egcmf-config": to_yaml(cfg)})
+    if start == 0:  # the initial model on every site: the baseline that training must beat
+        initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
+                                            recorder), classes)
+        initial.pop("train_s")
+        recorder.initial = initial
+        log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
+                 initial["miou"], initial["acc"], initial["loss"])
     seconds = {}
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
@@ -136,11 +143,17 @@ def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
                        f"min-sites={settings.min_sites} or none aggregated; global model "
                        "unchanged", round=rnd)
         new_arrays = arrays
-    evaluation = _replies(grid.send_and_receive(
-        strategy.configure_evaluate(rnd, new_arrays, config, grid), timeout=settings.timeout),
-        rnd, "evaluate", recorder)
+    evaluation = _evaluate(grid, strategy, rnd, new_arrays, config, settings, recorder)
     strategy.aggregate_evaluate(rnd, evaluation)
     return new_arrays, _round_line(train, evaluation, classes)
+
+
+def _evaluate(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
+              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder
+              ) -> list[Message]:
+    """The global model ``arrays`` evaluated on the sites' validation splits."""
+    return _replies(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid),
+                                          timeout=settings.timeout), rnd, "evaluate", recorder)
 
 
 def site_of(msg: Message) -> str:

@@ -37,6 +37,7 @@ class RunRecorder:
         self.dir, self.cfg, self.classes = run_dir, cfg, classes
         self.dir.mkdir(parents=True, exist_ok=True)
         self.best: dict[str, Any] | None = None
+        self.initial: dict[str, Any] | None = None  # the initial model's evaluation (round 0)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         line = {"time": round(time.time(), 3), "kind": kind, "message": message, **fields}
@@ -52,6 +53,7 @@ class RunRecorder:
         number, path = rounds[-1]
         payload = read_checkpoint(path)
         self.best = payload.get("best")
+        self.initial = payload.get("initial")
         self._truncate_metrics(number)
         return number, payload
 
@@ -63,7 +65,7 @@ class RunRecorder:
         if improved:
             self.best = {"round": number, "dice": dice}
         state = {"round": number, "metrics": clean(line), "best": self.best,
-                 "strategy_state": strategy_state or {}}
+                 "initial": clean(self.initial), "strategy_state": strategy_state or {}}
         save_checkpoint(self.dir / f"round_{number:03d}.pt", model, self.cfg, self.classes, **state)
         if improved:
             save_checkpoint(self.dir / "best.pt", model, self.cfg, self.classes, **state)
@@ -85,6 +87,8 @@ class RunRecorder:
                    if "epsilon" in v}  # the latest value of each site wins
         summary = {"rounds": len(lines), "final": lines[-1] if lines else None,
                    "best": self.best, "classes": list(self.classes), **extra}
+        if self.initial is not None:
+            summary["initial"] = self.initial
         if epsilon:
             summary["epsilon"] = epsilon
         (self.dir / "summary.json").write_text(json.dumps(clean(summary), indent=2))

@@ -24,9 +24,10 @@ def fmt(value: float | None) -> str:
 
 def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
     lines = read_metrics(run)
+    initial = [{"round": 0, **summary["initial"]}] if summary.get("initial") else []
     rows = ["| round | Dice | mIoU | Acc | loss |", "|---|---|---|---|---|"]
-    rows += [f"| {x['round']} | {fmt(x['dice'])} | {fmt(x['miou'])} | {fmt(x['acc'])} | "
-             f"{fmt(x['loss'])} |" for x in lines]
+    rows += [f"| {x['round'] or 'initial'} | {fmt(x['dice'])} | {fmt(x['miou'])} | "
+             f"{fmt(x['acc'])} | {fmt(x['loss'])} |" for x in initial + lines]
     last = lines[-1] if lines else {"sites": {}}
     site_rows = ["| site | Dice | mIoU | Acc | training examples |", "|---|---|---|---|---|"]
     site_rows += [f"| {name} | {fmt(v.get('dice'))} | {fmt(v.get('miou'))} | {fmt(v.get('acc'))}"
@@ -37,10 +38,11 @@ def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
             "## Global model on the sites' validation splits (pooled confusion matrix)", "",
             *rows, "", "## Per site, last round", "", *site_rows, ""]
     (run / "summary.md").write_text("\n".join(text))
-    plot_curves(lines, run / "curves.png", mode)
+    plot_curves(initial + lines, run / "curves.png", mode)
 
 
 def plot_curves(lines: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Dice per round; round 0, when present, is the initial model."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     rounds = [x["round"] for x in lines]
     for site in sorted({s for x in lines for s in x["sites"]}):

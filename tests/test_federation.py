@@ -177,3 +177,6 @@ def test_resume_after_the_server_is_killed(federation: Path, synth_root: Path) -
         _stop(server, *clients)
     assert (reference / "run" / "metrics.jsonl").read_text() == (
         tmp / "run" / "metrics.jsonl").read_text()
+    resumed, whole = (json.loads((d / "run" / "summary.json").read_text())
+                      for d in (tmp, reference))
+    assert resumed["initial"] == whole["initial"]  # kept in the checkpoints across the crash

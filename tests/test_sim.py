@@ -41,6 +41,10 @@ def test_run_folder_follows_the_contract(two_runs: tuple[Path, Path]) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1
     assert summary["final"]["round"] == 1
+    initial = summary["initial"]  # the initial model on every site, before round 1
+    assert {"dice", "miou", "acc", "loss"} <= set(initial)
+    assert set(initial["sites"]) == {"client_00", "client_01"}
+    assert "| initial |" in (out / "summary.md").read_text()
     _model, cfg, classes, _ = load_model(out / "final.pt")
     assert cfg.model.variant == "unet"
     assert classes == ("background", "in_situ", "invasive")
