@@ -71,15 +71,22 @@ def train_epoch(
     loss_fn: EGCMFLoss,
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
     progress: str | None = None,
+    on_empty: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of each loss term and ``num-examples``."""
+    """One pass over ``loader``; returns the mean of each loss term and ``num-examples``.
+
+    Poisson sampling (DP-SGD) can draw an empty batch, ``None`` or of size 0: ``on_empty`` runs
+    in its place (the noise-only step), and the batch counts towards no mean.
+    """
     model.train()
     sums: dict[str, float] = {}
     seen = 0
     # disable=None: no bar when stderr is not a terminal (CI logs, background runs)
     for batch in tqdm(loader, desc=progress, disable=True if progress is None else None,
                       leave=False):
-        if not batch["he"].shape[0]:  # Poisson sampling (DP-SGD) can draw an empty batch
+        if batch is None or not batch["he"].shape[0]:
+            if on_empty is not None:
+                on_empty()
             continue
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)

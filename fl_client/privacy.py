@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
 from egcmf_model.config import PrivacyConfig
@@ -61,6 +64,30 @@ def check_compatible(model: torch.nn.Module) -> None:
                          "centre must use GroupNorm: --set model.norm=group (fl-server --dp)")
 
 
+class EmptyAsNone:
+    """Collate function that turns the empty batches of Poisson sampling into ``None``."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: list[Any]) -> Any:
+        return self.collate(batch) if batch else None
+
+
+def noise_only_step(optimizer: DPOptimizer) -> Callable[[], None]:
+    """DP-SGD's step for a batch that Poisson sampling left empty: no gradient, only noise.
+
+    The accountant assumes a noisy step for every batch; skipping the empty ones would reveal
+    that a batch was empty.
+    """
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
+    return step
+
+
 def plan(dp: PrivacyConfig, sample_rate: float, steps: int) -> float:
     """Noise multiplier: as configured, or calibrated to reach epsilon after planned rounds."""
     if dp.noise_multiplier > 0:
@@ -87,6 +114,9 @@ def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLed
     private = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                   noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
                                   poisson_sampling=True)
+    # Opacus builds an empty batch from the first batch's structure, which fails on our ROI ids
+    # (strings) and when the very first batch is empty; we mark empty batches ourselves.
+    private[2].collate_fn = EmptyAsNone(loader.collate_fn)
     log.info("site %s: DP-SGD with noise %.3f, clip %.2f, sample rate %.3f", site, sigma,
              dp.max_grad_norm, sample_rate)
     return (*private, engine)

@@ -19,7 +19,7 @@ from egcmf_model.engine import evaluate, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
-from .privacy import PrivacyLedger, make_private
+from .privacy import PrivacyLedger, make_private, noise_only_step
 
 log = logging.getLogger(__name__)
 NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
@@ -50,14 +50,16 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     stats: dict[str, float] = {}
     start = time.perf_counter()
     extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
-    examples, trained, engine = len(loader.dataset), model, None
+    examples, trained, engine, on_empty = len(loader.dataset), model, None, None
     if cfg.dp.enabled:
         if ledger is None:
             raise ValueError("DP-SGD needs a privacy ledger (the site's state folder)")
         trained, optimizer, loader, engine = make_private(model, optimizer, loader, cfg.dp,
                                                           ledger, cfg.train.epochs, site)
+        on_empty = noise_only_step(optimizer)
     for _ in range(cfg.train.epochs):
-        stats = train_epoch(trained, loader, optimizer, device, loss_fn, extra_loss=extra)
+        stats = train_epoch(trained, loader, optimizer, device, loss_fn, extra_loss=extra,
+                            on_empty=on_empty)
     epsilon = NO_DP
     if engine is not None:
         ledger.save(engine.accountant.history)
