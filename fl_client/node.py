@@ -117,7 +117,9 @@ def _run_supernode(opts: JoinOptions, host: str, port: int) -> None:
             raise JoinError(f"site {opts.site} is not registered at the server: the "
                             f"coordinating centre must register sites/{opts.site}.pub "
                             "(fl-server start registers the keys in its --certs)", 5)
-        log.info("the server does not know site %s yet; retrying", opts.site)
+        log.info("the server has not accepted site %s yet (its key is not registered yet, or "
+                 "this site's previous connection has not timed out, up to a minute); retrying",
+                 opts.site)
         time.sleep(3.0)
 
 

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="default runs/federation-<time>")
     add_aggregation_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue after the last saved round")
+    p.add_argument("--round-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="how long a round waits for the sites' replies; a site that is still "
+                        "busy then is left out of that round (a site that disconnects is "
+                        "noticed within a minute)")
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
@@ -71,6 +75,8 @@ def _start(args: argparse.Namespace) -> int:
     host, _, port = args.address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--address {args.address!r} must be HOST:PORT")
+    if args.round_timeout <= 0:
+        raise ValueError(f"--round-timeout must be positive, got {args.round_timeout:g}")
     if args.insecure:
         log.warning("INSECURE: no TLS and no site authentication; weights cross the network "
                     "in clear text. Use only on a trusted test network.")
@@ -88,7 +94,9 @@ def _start(args: argparse.Namespace) -> int:
     opts = StartOptions(run_dir=run_dir, config_file=config_file, host=host, port=int(port),
                         certs=None if args.insecure else args.certs, insecure=args.insecure,
                         rounds=args.rounds, min_sites=args.min_sites, strategy=args.strategy,
-                        resume=args.resume, extra_run_config=aggregation_run_config(args))
+                        resume=args.resume,
+                        extra_run_config={**aggregation_run_config(args),
+                                          "timeout": args.round_timeout})
     summary = start_federation(opts)
     best = summary.get("best") or {}
     log.info("done: %d rounds; best Dice %s in round %s; files in %s", summary["rounds"],

@@ -82,3 +82,8 @@ def test_server_without_certificates_says_what_to_do(tmp_path: Path, capsys) -> 
     assert server_main(["start", "--certs", str(tmp_path / "none"),
                         "--run-dir", str(tmp_path / "run")]) == 2
     assert "fl-server certs" in capsys.readouterr().err
+
+
+def test_server_refuses_a_round_timeout_that_is_not_positive(tmp_path: Path, capsys) -> None:
+    assert server_main(["start", "--round-timeout", "0", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "--round-timeout must be positive" in capsys.readouterr().err

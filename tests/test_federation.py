@@ -114,6 +114,42 @@ def test_two_sites_over_tls_then_refusals(federation: Path, synth_root: Path) ->
     assert _leftovers(f"127.0.0.1:{port}") == []
 
 
+def test_a_site_that_dies_rejoins_the_running_federation(federation: Path,
+                                                        synth_root: Path) -> None:
+    """siteB's fl-client is killed (SIGKILL) in round 2 and started again later; the server
+    keeps running, leaves siteB out of what it missed, and siteB trains again afterwards."""
+    tmp, port = federation, free_port()
+    server = _server(tmp, port, 3, "--round-timeout", "300")
+    site_a = _client(tmp, port, "siteA", synth_root / "site_01", max_wait=60)
+    site_b = _client(tmp, port, "siteB", synth_root / "site_02", max_wait=60)
+    events = tmp / "run" / "events.jsonl"
+    try:
+        deadline = time.monotonic() + 400
+        while not (tmp / "run" / "round_001.pt").exists():
+            assert time.monotonic() < deadline
+            assert server.poll() is None
+            time.sleep(0.2)
+        site_b.kill()
+        site_b.communicate(timeout=30)
+        while not (events.exists() and "round 2 train" in events.read_text()):
+            assert time.monotonic() < deadline
+            assert server.poll() is None
+            time.sleep(0.5)
+        site_b = _client(tmp, port, "siteB", synth_root / "site_02", max_wait=60)
+        code, out = _finish(server, 600)
+        assert code == 0, out
+        code, out = _finish(site_b, 120)
+        assert code == 0, out
+    finally:
+        _stop(server, site_a, site_b)
+    lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert "train_loss" not in lines[1]["sites"].get("siteB", {})  # missed round 2's training
+    assert "train_loss" in lines[2]["sites"]["siteB"]  # back for round 3
+    assert "failed" in events.read_text()
+    assert _leftovers(f"127.0.0.1:{port}") == []
+
+
 def _mixed(tmp: Path, other: Path) -> Path:
     """siteA's own key, but the CA certificate of another federation."""
     certs = tmp / "mixed"
