@@ -45,7 +45,7 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
         metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
                               PrivacyLedger(state / "privacy.json"), site.name)
         if cfg.train.keep_norm_local:
-            save_local_norms(model, state / "norm_layers.pt")
+            save_local_norms(model, _norms_file(context, fixed, site.name, options))
         state = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
         return _reply(msg, site, metrics, ArrayRecord(state))
 
@@ -60,10 +60,18 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
 
 def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
-    """Where this site keeps what must outlive a run (its privacy ledger)."""
+    """Where this site keeps what must outlive a run (its privacy ledger, FedBN's layers)."""
     node = dict(context.node_config)
     default = cache_dir() / "sites"
     return Path(str(node.get("state-dir", defaults.get("state-dir", default))))
+
+
+def _norms_file(context: Context, defaults: dict[str, Any], site: str,
+                options: ConfigRecord) -> Path:
+    """FedBN's layers of this site in this federation; another federation starts afresh."""
+    federation = str(options.get("federation-id", ""))
+    name = f"fedbn-{federation}.pt" if federation else "fedbn.pt"
+    return _state_dir(context, defaults) / site / name
 
 
 def _site_privacy(cfg: Config, node: dict[str, Any]) -> Config:
@@ -90,7 +98,8 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
     model = build_model(cfg.model, site.classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     if cfg.train.keep_norm_local:
-        restore_local_norms(model, _state_dir(context, defaults) / site.name / "norm_layers.pt")
+        restore_local_norms(model, _norms_file(context, defaults, site.name,
+                                               msg.content["config"]))
     return cfg, site, model.to(device), device
 
 

@@ -111,12 +111,12 @@ def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLed
                               f"{dp.epsilon:g} (delta {dp.delta:g}); not training")
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(ledger.history)
-    private = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                  noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
-                                  poisson_sampling=True)
+    module, optimizer, poisson = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
     # Opacus builds an empty batch from the first batch's structure, which fails on our ROI ids
     # (strings) and when the very first batch is empty; we mark empty batches ourselves.
-    private[2].collate_fn = EmptyAsNone(loader.collate_fn)
+    poisson.collate_fn = EmptyAsNone(loader.collate_fn)
     log.info("site %s: DP-SGD with noise %.3f, clip %.2f, sample rate %.3f", site, sigma,
              dp.max_grad_norm, sample_rate)
-    return (*private, engine)
+    return module, optimizer, poisson, engine

@@ -8,6 +8,7 @@ sums), per-site metrics keyed by site name, a checkpoint per round and resume af
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 import typing
@@ -93,7 +94,8 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
     arrays = ArrayRecord(model.state_dict())
-    config = ConfigRecord({"egcmf-config": to_yaml(cfg)})
+    config = ConfigRecord({"egcmf-config": to_yaml(cfg),
+                           "federation-id": federation_id(settings.run_dir, to_yaml(cfg))})
     if start == 0:  # the initial model on every site: the baseline that training must beat
         initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
                                             recorder), classes)
@@ -122,6 +124,12 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         _log_round(rnd, settings.num_rounds, line)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
                                   round_seconds=seconds)
+
+
+def federation_id(run_dir: str, config_yaml: str) -> str:
+    """Names this federation at the sites (their FedBN layers), the same after a resume."""
+    text = f"{Path(run_dir).resolve()}\n{config_yaml}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,

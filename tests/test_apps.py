@@ -127,8 +127,9 @@ def test_fedbn_keeps_normalisation_layers_at_the_site(site_context: Context,
     msg.content["config"]["egcmf-config"] = to_yaml(apply_overrides(
         load_config("tiny"), ["model.variant=unet", "train.epochs=1",
                               "train.keep_norm_local=true"]))
+    msg.content["config"]["federation-id"] = "fed1"
     reply = make_client_app()(msg, context)
-    saved = tmp_path / "plagh" / "norm_layers.pt"
+    saved = tmp_path / "plagh" / "fedbn-fed1.pt"
     assert saved.exists()
     trained = reply.content["arrays"].to_torch_state_dict()
     local = torch.load(saved, weights_only=True)
@@ -141,3 +142,12 @@ def test_fedbn_keeps_normalisation_layers_at_the_site(site_context: Context,
     assert restore_local_norms(fresh, saved)
     state = norm_state(fresh)
     assert all(torch.equal(state[k], local[k]) for k in local)
+    # Another federation (another run folder or config) does not inherit these layers: the site
+    # trains exactly as a site with nothing on its disk.
+    msg.content["config"]["federation-id"] = "fed2"
+    make_client_app()(msg, context)
+    empty = _context({**dict(site_context.node_config), "state-dir": str(tmp_path / "empty")})
+    make_client_app()(msg, empty)
+    other, clean = (torch.load(d / "plagh" / "fedbn-fed2.pt", weights_only=True)
+                    for d in (tmp_path, tmp_path / "empty"))
+    assert all(torch.equal(other[k], clean[k]) for k in clean)
