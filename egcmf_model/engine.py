@@ -75,8 +75,8 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term and ``num-examples``.
 
-    Poisson sampling (DP-SGD) can draw an empty batch, ``None`` or of size 0: ``on_empty`` runs
-    in its place (the noise-only step), and the batch counts towards no mean.
+    Poisson sampling (DP-SGD) can draw an empty batch, which its loader yields as ``None``:
+    ``on_empty`` runs in its place (the noise-only step), and the batch counts towards no mean.
     """
     model.train()
     sums: dict[str, float] = {}
@@ -84,7 +84,7 @@ def train_epoch(
     # disable=None: no bar when stderr is not a terminal (CI logs, background runs)
     for batch in tqdm(loader, desc=progress, disable=True if progress is None else None,
                       leave=False):
-        if batch is None or not batch["he"].shape[0]:
+        if batch is None:
             if on_empty is not None:
                 on_empty()
             continue

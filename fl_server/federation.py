@@ -94,8 +94,9 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
     arrays = ArrayRecord(model.state_dict())
-    config = ConfigRecord({"egcmf-config": to_yaml(cfg),
-                           "federation-id": federation_id(settings.run_dir, to_yaml(cfg))})
+    config_yaml = to_yaml(cfg)
+    config = ConfigRecord({"egcmf-config": config_yaml,
+                           "federation-id": federation_id(settings.run_dir, config_yaml)})
     if start == 0:  # the initial model on every site: the baseline that training must beat
         initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
                                             recorder), classes)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,23 @@ def _client(tmp: Path, port: int, site: str, data: Path, certs: Path | None = No
          str(data), "--certs", str(certs or tmp / "certs"), "--max-wait", str(max_wait),
          "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp))
+
+
+def _two_sites(tmp: Path, port: int, synth_root: Path, max_wait: int) -> list[subprocess.Popen]:
+    return [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=max_wait),
+            _client(tmp, port, "siteB", synth_root / "site_02", max_wait=max_wait)]
+
+
+def _wait_until(ready: Callable[[], bool], server: subprocess.Popen, deadline: float) -> None:
+    """Poll ``ready`` while the server is still running, until ``deadline`` (monotonic)."""
+    while not ready():
+        assert time.monotonic() < deadline
+        assert server.poll() is None
+        time.sleep(0.2)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -80,8 +98,7 @@ def federation(tmp_path: Path, synth_root: Path) -> Path:
 def test_two_sites_over_tls_then_refusals(federation: Path, synth_root: Path) -> None:
     tmp, port = federation, free_port()
     server = _server(tmp, port, rounds=2)
-    clients = [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=15),
-               _client(tmp, port, "siteB", synth_root / "site_02", max_wait=15)]
+    clients = _two_sites(tmp, port, synth_root, max_wait=15)
     # A site holding another CA's certificate, and a site whose key was never registered.
     other = tmp / "other"
     make_certificates(other, ["siteC"])
@@ -106,7 +123,7 @@ def test_two_sites_over_tls_then_refusals(federation: Path, synth_root: Path) ->
     finally:
         _stop(server, *clients)
     run = tmp / "run"
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(run)
     assert [x["round"] for x in lines] == [1, 2]
     assert all(set(x["sites"]) == {"siteA", "siteB"} for x in lines)
     for name in ("round_001.pt", "round_002.pt", "best.pt", "summary.json"):
@@ -120,21 +137,15 @@ def test_a_site_that_dies_rejoins_the_running_federation(federation: Path,
     keeps running, leaves siteB out of what it missed, and siteB trains again afterwards."""
     tmp, port = federation, free_port()
     server = _server(tmp, port, 3, "--round-timeout", "300")
-    site_a = _client(tmp, port, "siteA", synth_root / "site_01", max_wait=60)
-    site_b = _client(tmp, port, "siteB", synth_root / "site_02", max_wait=60)
+    site_a, site_b = _two_sites(tmp, port, synth_root, max_wait=60)
     events = tmp / "run" / "events.jsonl"
     try:
         deadline = time.monotonic() + 400
-        while not (tmp / "run" / "round_001.pt").exists():
-            assert time.monotonic() < deadline
-            assert server.poll() is None
-            time.sleep(0.2)
+        _wait_until((tmp / "run" / "round_001.pt").exists, server, deadline)
         site_b.kill()
         site_b.communicate(timeout=30)
-        while not (events.exists() and "round 2 train" in events.read_text()):
-            assert time.monotonic() < deadline
-            assert server.poll() is None
-            time.sleep(0.5)
+        _wait_until(lambda: events.exists() and "round 2 train" in events.read_text(), server,
+                    deadline)
         site_b = _client(tmp, port, "siteB", synth_root / "site_02", max_wait=60)
         code, out = _finish(server, 600)
         assert code == 0, out
@@ -142,7 +153,7 @@ def test_a_site_that_dies_rejoins_the_running_federation(federation: Path,
         assert code == 0, out
     finally:
         _stop(server, site_a, site_b)
-    lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(tmp / "run")
     assert [x["round"] for x in lines] == [1, 2, 3]
     assert "train_loss" not in lines[1]["sites"].get("siteB", {})  # missed round 2's training
     assert "train_loss" in lines[2]["sites"]["siteB"]  # back for round 3
@@ -169,14 +180,9 @@ def _stranger(tmp: Path, other: Path) -> Path:
 def test_resume_after_the_server_is_killed(federation: Path, synth_root: Path) -> None:
     tmp, port = federation, free_port()
     server = _server(tmp, port, rounds=3)
-    clients = [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=10),
-               _client(tmp, port, "siteB", synth_root / "site_02", max_wait=10)]
+    clients = _two_sites(tmp, port, synth_root, max_wait=10)
     try:
-        deadline = time.monotonic() + 400
-        while not (tmp / "run" / "round_001.pt").exists():
-            assert time.monotonic() < deadline
-            assert server.poll() is None
-            time.sleep(0.5)
+        _wait_until((tmp / "run" / "round_001.pt").exists, server, time.monotonic() + 400)
         # `kill PID` (SIGTERM) in the middle of round 2. (A SIGKILL would leave Flower's SuperExec
         # waiting on a zombie SuperLink on machines whose PID 1 does not reap orphans.)
         server.send_signal(signal.SIGTERM)
@@ -188,13 +194,12 @@ def test_resume_after_the_server_is_killed(federation: Path, synth_root: Path) -
             time.sleep(0.5)
         done = len((tmp / "run" / "metrics.jsonl").read_text().splitlines())
         server = _server(tmp, port, 3, "--resume")
-        clients = [_client(tmp, port, "siteA", synth_root / "site_01", max_wait=10),
-                   _client(tmp, port, "siteB", synth_root / "site_02", max_wait=10)]
+        clients = _two_sites(tmp, port, synth_root, max_wait=10)
         code, out = _finish(server, 600)
         assert code == 0, out
     finally:
         _stop(server, *clients)
-    lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(tmp / "run")
     assert [x["round"] for x in lines] == [1, 2, 3]
     assert done >= 1
     events = (tmp / "run" / "events.jsonl").read_text()
@@ -204,8 +209,7 @@ def test_resume_after_the_server_is_killed(federation: Path, synth_root: Path) -
     reference, port = tmp / "reference", free_port()
     shutil.copytree(tmp / "certs", reference / "certs")
     server = _server(reference, port, 3)
-    clients = [_client(reference, port, "siteA", synth_root / "site_01", max_wait=10),
-               _client(reference, port, "siteB", synth_root / "site_02", max_wait=10)]
+    clients = _two_sites(reference, port, synth_root, max_wait=10)
     try:
         code, out = _finish(server, 600)
         assert code == 0, out
