@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from egcmf_model.config import Config, from_dict
@@ -22,11 +30,12 @@ from egcmf_model.engine import build_model, pick_device
 
 from .faults import inject_fault
 from .fedbn import restore_local_norms, save_local_norms
-from .privacy import PrivacyLedger
+from .privacy import BudgetExhausted, PrivacyLedger
 from .site import SiteData, resolve_site
 from .train import local_evaluate, local_train, round_seed
 
 log = logging.getLogger(__name__)
+PRIVACY_BUDGET_SPENT = 100  # error code of a training reply refused for the privacy budget
 
 
 def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
@@ -42,12 +51,16 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
         seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
         mu = float(options.get("proximal-mu", 0.0))
         state = _state_dir(context, fixed) / site.name
-        metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
-                              PrivacyLedger(state / "privacy.json"), site.name)
+        try:
+            metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
+                                  PrivacyLedger(state / "privacy.json"), site.name)
+        except BudgetExhausted as exc:  # a refusal, not a crash: one line in the server's log
+            log.warning("%s", exc)
+            return Message(error=Error(PRIVACY_BUDGET_SPENT, str(exc)), reply_to=msg)
         if cfg.train.keep_norm_local:
-            save_local_norms(model, _norms_file(context, fixed, site.name, options))
-        state = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
-        return _reply(msg, site, metrics, ArrayRecord(state))
+            save_local_norms(model, _norms_file(state, options))
+        weights = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
+        return _reply(msg, site, metrics, ArrayRecord(weights))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -66,12 +79,11 @@ def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
     return Path(str(node.get("state-dir", defaults.get("state-dir", default))))
 
 
-def _norms_file(context: Context, defaults: dict[str, Any], site: str,
-                options: ConfigRecord) -> Path:
+def _norms_file(site_state: Path, options: ConfigRecord) -> Path:
     """FedBN's layers of this site in this federation; another federation starts afresh."""
     federation = str(options.get("federation-id", ""))
     name = f"fedbn-{federation}.pt" if federation else "fedbn.pt"
-    return _state_dir(context, defaults) / site / name
+    return site_state / name
 
 
 def _site_privacy(cfg: Config, node: dict[str, Any]) -> Config:
@@ -98,7 +110,7 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
     model = build_model(cfg.model, site.classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     if cfg.train.keep_norm_local:
-        restore_local_norms(model, _norms_file(context, defaults, site.name,
+        restore_local_norms(model, _norms_file(_state_dir(context, defaults) / site.name,
                                                msg.content["config"]))
     return cfg, site, model.to(device), device
 

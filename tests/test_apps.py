@@ -151,3 +151,29 @@ def test_fedbn_keeps_normalisation_layers_at_the_site(site_context: Context,
     other, clean = (torch.load(d / "plagh" / "fedbn-fed2.pt", weights_only=True)
                     for d in (tmp_path, tmp_path / "empty"))
     assert all(torch.equal(other[k], clean[k]) for k in clean)
+
+
+def test_a_site_past_its_budget_refuses_to_train_and_still_evaluates(
+        synth_root: Path, tmp_path: Path) -> None:
+    from fl_client.client_app import PRIVACY_BUDGET_SPENT
+
+    context = _context({"site": "plagh", "data": str(synth_root / "site_01"), "device": "cpu",
+                        "state-dir": str(tmp_path), "dp": True, "dp-epsilon": 0.5})
+    cfg = load_config("tiny", overrides=[
+        "model.variant=unet", "model.norm=group", "train.epochs=1", "dp.enabled=true",
+        "dp.noise_multiplier=1.0"])  # one step at noise 1 spends far more than epsilon 0.5
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+
+    def message(kind: str) -> Message:
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+            {"egcmf-config": to_yaml(cfg), "server-round": 1})})
+        return Message(content=content, dst_node_id=1, message_type=kind)
+
+    reply = make_client_app()(message(MessageType.TRAIN), context)
+    assert reply.has_error()
+    assert reply.error.code == PRIVACY_BUDGET_SPENT
+    assert "site plagh: privacy budget spent" in reply.error.reason
+    assert not (tmp_path / "plagh" / "privacy.json").exists()  # nothing was spent
+    reply = make_client_app()(message(MessageType.EVALUATE), context)
+    assert not reply.has_error()
+    assert 0 <= reply.content["metrics"]["dice"] <= 1
