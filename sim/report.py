@@ -29,9 +29,13 @@ def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
     rows += [f"| {x['round'] or 'initial'} | {fmt(x['dice'])} | {fmt(x['miou'])} | "
              f"{fmt(x['acc'])} | {fmt(x['loss'])} |" for x in initial + lines]
     last = lines[-1] if lines else {"sites": {}}
-    site_rows = ["| site | Dice | mIoU | Acc | training examples |", "|---|---|---|---|---|"]
+    epsilon = summary.get("epsilon", {})  # DP-SGD: each site's cumulative epsilon
+    site_rows = ["| site | Dice | mIoU | Acc | training examples |" + (" ε |" if epsilon else ""),
+                 "|---|---|---|---|---|" + ("---|" if epsilon else "")]
     site_rows += [f"| {name} | {fmt(v.get('dice'))} | {fmt(v.get('miou'))} | {fmt(v.get('acc'))}"
-                  f" | {v.get('num-examples', '')} |" for name, v in last["sites"].items()]
+                  f" | {v.get('num-examples', '')} |"
+                  + (f" {fmt(epsilon.get(name))} |" if epsilon else "")
+                  for name, v in last["sites"].items()]
     best = summary.get("best") or {}
     text = [f"# {mode.capitalize()} run", "", f"Rounds: {len(lines)}; best Dice "
             f"{fmt(best.get('dice'))} in round {best.get('round')}.", "",

@@ -110,6 +110,7 @@ def test_dp_simulation_reports_epsilon_per_site_reproducibly(synth_root: Path,
         assert 0 < lines[0]["sites"][site]["epsilon"] < lines[1]["sites"][site]["epsilon"] <= 50
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["epsilon"]) == set(lines[0]["sites"])
+    assert "| training examples | ε |" in (out / "summary.md").read_text()
     assert "norm: group" in (out / "config.yaml").read_text()
 
 
