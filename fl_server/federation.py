@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from egcmf_model.config import load_config, to_yaml
+from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, seed_everything
 from egcmf_model.metrics import SegmentationMetrics
 
@@ -57,6 +57,7 @@ class FederationSettings:
     server_dp_clip: float = 10.0
     server_dp_epsilon: float = 0.0
     server_dp_delta: float = 1e-5
+    simulation: bool = False  # set by sim/run.py only: server-side DP noise follows the seed
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(self.strategy, self.min_sites, self.proximal_mu,
@@ -77,10 +78,19 @@ class FederationSettings:
         return cls(**values)
 
 
+def seed_server(cfg: Config, simulation: bool) -> None:
+    """Seed the initial model from the run's seed. Outside a simulation, server-side DP noise
+    (Flower draws it from numpy's global generator) then comes from the OS's entropy, so
+    nobody who knows the seed can replay it."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    if not simulation:
+        np.random.seed()  # no argument: fresh entropy from the operating system
+
+
 def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     cfg = load_config(path=settings.config_file or None)
     classes = tuple(cfg.data.classes)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    seed_server(cfg, settings.simulation)
     model = build_model(cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
     start, payload = 0, None

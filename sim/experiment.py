@@ -108,11 +108,14 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     server = make_server_app({"run-dir": str(s.out), "num-rounds": s.rounds,
                               "min-sites": min(s.min_sites, len(sites)), "strategy": s.strategy,
                               "config-file": str(s.out / "config.yaml"),
-                              "sites": len(sites), **dict(s.strategy_options)})
+                              "sites": len(sites), "simulation": True,
+                              **dict(s.strategy_options)})
     faults = faulty_sites(s.fault, sorted(sites), s.seed)
     if faults:
         log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))
     client = make_client_app({"partitions": str(partitions), "threads": 1, "faults": faults,
+                              "simulation": True, "max-update-ratio": dict(
+                                  s.strategy_options).get("max-update-ratio", 0.0),
                               "state-dir": str(s.out / "site_state"),
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
     p.add_argument("--fault", metavar="KIND:COUNT",
                    help="COUNT sites (chosen by the seed) misbehave every round: "
-                        "nan, shape, scale (x1e6) or dropout")
+                        "nan, shape, scale (x1e6), dropout or inflate (a poisoned update at "
+                        "0.9x the norm limit, claiming 1e9 examples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
     p.add_argument("--config", type=Path, help="YAML config; flags override it")

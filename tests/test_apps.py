@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from egcmf_model.config import apply_overrides, load_config, to_yaml
 from egcmf_model.engine import build_model
 from fl_client.client_app import make_client_app
+from fl_client.failures import INCOMPATIBLE, SITE_DATA
 from fl_server.federation import FederationSettings
 
 KERNEL_MAX = 7  # largest convolution kernel in the network
@@ -93,8 +96,9 @@ def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Cont
     cfg = apply_overrides(load_config("tiny"), ["data.classes=[tumor, stroma]"])
     msg = _message(MessageType.EVALUATE)
     msg.content["config"]["egcmf-config"] = to_yaml(cfg)
-    with pytest.raises(ValueError, match="classes"):  # the runtime turns it into an error reply
-        make_client_app()(msg, site_context)
+    reply = make_client_app()(msg, site_context)
+    assert reply.error.code == INCOMPATIBLE
+    assert "does not fit this site" in reply.error.reason
 
 
 def test_settings_come_from_run_config_with_defaults() -> None:
@@ -177,3 +181,63 @@ def test_a_site_past_its_budget_refuses_to_train_and_still_evaluates(
     reply = make_client_app()(message(MessageType.EVALUATE), context)
     assert not reply.has_error()
     assert 0 <= reply.content["metrics"]["dice"] <= 1
+
+
+def _dp_message(kind: str, *extra: str) -> Message:
+    cfg = load_config("tiny", overrides=[
+        "model.variant=unet", "model.norm=group", "train.epochs=1", "dp.enabled=true",
+        "dp.noise_multiplier=1.0", "dp.epsilon=100", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+        {"egcmf-config": to_yaml(cfg), "server-round": 1})})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def test_only_a_simulation_replays_its_dp_noise(synth_root: Path, tmp_path: Path) -> None:
+    """A curious centre knows the seed it sent; a deployed site's noise is still unknown to it.
+    The same message twice: different weights from the deployment's app, identical ones from
+    a simulation's."""
+    def trained(app_defaults: dict | None, run: str) -> dict[str, torch.Tensor]:
+        context = _context({"site": "plagh", "data": str(synth_root / "site_01"),
+                            "device": "cpu", "state-dir": str(tmp_path / run)})
+        reply = make_client_app(app_defaults)(_dp_message(MessageType.TRAIN), context)
+        assert not reply.has_error(), reply.error
+        return reply.content["arrays"].to_torch_state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(trained(None, "deployed-1"), trained(None, "deployed-2"))
+    simulated = {"simulation": True}
+    assert same(trained(simulated, "sim-1"), trained(simulated, "sim-2"))
+
+
+def _broken_site(synth_root: Path, tmp_path: Path, damage: str) -> Path:
+    site = tmp_path / "plagh"
+    shutil.copytree(synth_root / "site_01", site)
+    if damage == "png":  # the only validation ROI: its H&E PNG cut short after the header
+        png = site / "rois" / "roi_0003" / "he.png"
+        png.write_bytes(png.read_bytes()[:200])
+    else:
+        (site / "site.yaml").write_text("name: [unclosed")
+    return site
+
+
+@pytest.mark.parametrize("damage", ["png", "site.yaml"])
+def test_a_failure_reply_names_its_class_not_the_file(
+        synth_root: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Flower would send the exception's text, with paths and ROI ids, to the centre; the
+    reply holds only the class of failure, and the site's log the detail."""
+    site = _broken_site(synth_root, tmp_path, damage)
+    context = _context({"site": "plagh", "data": str(site), "device": "cpu"})
+    with caplog.at_level(logging.WARNING):
+        reply = make_client_app()(_message(MessageType.EVALUATE, "unet"), context)
+    assert reply.has_error()
+    assert reply.error.code == SITE_DATA
+    assert reply.error.reason == ("site plagh: evaluation failed: the site's data could not be "
+                                  "read; the details are in the site's log")
+    for secret in (str(tmp_path), "roi_0003", ".png", "site.yaml", "/"):
+        assert secret not in reply.error.reason
+    bad_file = site / ("rois/roi_0003/he.png" if damage == "png" else "site.yaml")
+    assert str(bad_file) in caplog.text
