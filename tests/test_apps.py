@@ -241,3 +241,18 @@ def test_a_failure_reply_names_its_class_not_the_file(
         assert secret not in reply.error.reason
     bad_file = site / ("rois/roi_0003/he.png" if damage == "png" else "site.yaml")
     assert str(bad_file) in caplog.text
+
+
+def test_an_inflating_site_claims_a_billion_examples(site_context: Context) -> None:
+    """The ``inflate`` fault of a simulation: w_g - 9 (w_site - w_g) at ratio 10, 1e9 tiles."""
+    from fl_client.faults import INFLATED_EXAMPLES
+
+    msg = _message(MessageType.TRAIN, "unet")
+    sent = msg.content["arrays"].to_torch_state_dict()
+    honest = make_client_app()(msg, site_context).content["arrays"].to_torch_state_dict()
+    reply = make_client_app({"faults": {"plagh": "inflate"}, "max-update-ratio": 10.0})(
+        msg, site_context)
+    assert reply.content["metrics"]["num-examples"] == INFLATED_EXAMPLES
+    back = reply.content["arrays"].to_torch_state_dict()
+    name = next(k for k, v in sent.items() if v.is_floating_point())
+    torch.testing.assert_close(back[name], sent[name] - 9.0 * (honest[name] - sent[name]))

@@ -213,3 +213,23 @@ def test_fedprox_pulls_towards_the_global_model_under_dp(synth_root: Path,
     free, again = distance(0.0), distance(0.0)
     assert free == again  # seeded: the same noise, so only mu differs below
     assert distance(1000.0) < 0.5 * free
+
+
+def test_server_side_dp_noise_is_replayable_only_in_simulation() -> None:
+    """Flower's server-side DP draws its noise from numpy's global generator, which the
+    centre seeds for the initial model. A deployment reseeds it from the OS's entropy."""
+    import numpy as np
+    from flwr.serverapp.strategy import dp_fixed_clipping
+
+    from fl_server.federation import seed_server
+
+    cfg = load_config("tiny")
+
+    def noise(simulation: bool) -> np.ndarray:
+        seed_server(cfg, simulation)
+        arrays = [np.zeros(16, np.float32)]
+        dp_fixed_clipping.add_gaussian_noise_inplace(arrays, 1.0)  # what the strategy calls
+        return arrays[0]
+
+    assert not np.array_equal(noise(False), noise(False))
+    assert np.array_equal(noise(True), noise(True))
