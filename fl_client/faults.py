@@ -65,6 +65,8 @@ def inflate(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
     on top makes a FedAvg that trusts the claim adopt this update almost alone.
     """
     k = LIMIT_SHARE * max_update_ratio
-    return OrderedDict(
-        (name, received[name] - k * (w - received[name]) if w.is_floating_point() else w)
-        for name, w in state.items())
+    out = OrderedDict()
+    for name, w in state.items():
+        start = received[name].to(w.device)
+        out[name] = start - k * (w - start) if w.is_floating_point() else w
+    return out
