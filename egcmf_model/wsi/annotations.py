@@ -91,10 +91,7 @@ def _read_geojson(path: Path, doc: Any) -> list[Annotation]:
 
 def _class_name(properties: dict[str, Any]) -> str | None:
     cls = properties.get("classification")
-    if isinstance(cls, dict):
-        name = cls.get("name") or (cls.get("names") or [None])[0]
-    else:
-        name = cls
+    name = cls.get("name") or (cls.get("names") or [None])[0] if isinstance(cls, dict) else cls
     return str(name) if name else None
 
 
@@ -188,6 +185,13 @@ def write_geojson(path: Path, feature_list: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, ensure_ascii=False))
     return path
+
+
+def write_mask_geojson(path: Path, labels: np.ndarray, classes: Sequence[str],
+                       mpp: float) -> int:
+    """:func:`write_label_geojson` for a label map in memory (an ROI), in its own pixels."""
+    return write_label_geojson(path, lambda t, l, h, w: labels[t:t + h, l:l + w],
+                               labels.shape[:2], classes, scale=1.0, mpp=mpp)
 
 
 def write_label_geojson(path: Path, read: Callable[[int, int, int, int], np.ndarray],

@@ -34,13 +34,18 @@ def level_shapes(height: int, width: int) -> list[tuple[int, int]]:
 
 
 def write_pyramid(path: Path, strip: Strip, shapes: Sequence[tuple[int, int]],
-                  mpp: float | None, channels: int, *, style: str = "tiff", compression: str = "zlib",
-                  quality: int = 90, tile: int = 512, description: str = "") -> Path:
+                  mpp: float | None, channels: int, *, style: str = "tiff",
+                  compression: str = "zlib",
+                  quality: int = 90, tile: int = 512, description: str = "",
+                  palette: np.ndarray | None = None) -> Path:
     """Write ``path``: level ``k`` has ``shapes[k]`` and ``mpp * 4**k`` µm/px, its pixels from
     ``strip(k, top, height)``. ``channels`` is 1 (grey) or 3 (RGB); ``mpp=None`` records no
-    resolution at all (as some scanners' exports)."""
-    photometric = "rgb" if channels == 3 else "minisblack"
-    args = {"compression": compression, "photometric": photometric, "metadata": None}
+    resolution at all (as some scanners' exports). ``palette`` ``(256, 3)`` uint8 makes a
+    one-channel image an indexed-colour one: viewers show the colours, the values stay ids."""
+    photometric = "rgb" if channels == 3 else "minisblack" if palette is None else "palette"
+    args: dict = {"compression": compression, "photometric": photometric, "metadata": None}
+    if palette is not None:
+        args["colormap"] = palette.T.astype(np.uint16) * 257  # TIFF colour maps are 16-bit
     if compression == "jpeg":
         args["compressionargs"] = {"level": quality}
     h0, w0 = shapes[0]

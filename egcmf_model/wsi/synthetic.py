@@ -12,13 +12,14 @@ of a few blocks, every pixel of each labelled, as a pathologist's QuPath export 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ..data.sites import estimate_shift
 from ..data.synthetic import PAIRED_CLASSES, render_roi, site_style
 from .annotations import features, write_geojson
+from .options import SlidePairSpec
 from .polygons import mask_polygons
 from .pyramid import DOWNSAMPLE, level_shapes, write_pyramid
 
@@ -26,17 +27,6 @@ BLOCK = 256  # side of one synthetic ROI at 40x, as in the default synthetic set
 POOL = 16  # distinct blocks; the tissue repeats them in a seeded pattern
 GLASS = np.array([244, 244, 242], np.uint8)
 MARGIN = 0.12  # blank glass around the tissue ellipse, as a fraction of the side
-
-
-@dataclass(frozen=True)
-class SlidePairSpec:
-    size: int = 4096  # side of level 0 in pixels
-    shift: tuple[int, int] = (24, -36)  # (dy, dx) of the CK5/6 section in level-0 px
-    mpp: float = 0.25  # µm per level-0 pixel
-    write_mpp: bool = True  # False writes no MPP at all (a slide prediction must refuse)
-    fmt: str = "svs"  # svs (Aperio layout) or tiff (generic pyramidal TIFF)
-    annotated: int = 6  # blocks labelled in annotations.geojson
-    seed: int = 0
 
 
 class SyntheticTissue:
@@ -111,7 +101,7 @@ def _aligned_block(rng: np.random.Generator, style) -> dict[str, np.ndarray]:
     """One synthetic ROI cut to ``BLOCK`` px with its CK5/6 registered to its H&E."""
     margin = 4  # more than the generator's jitter at this size
     roi = render_roi(rng, BLOCK + 2 * margin, style)
-    dy, dx = (int(round(v)) for v in estimate_shift(roi["he"], roi["ck56"]))
+    dy, dx = (round(v) for v in estimate_shift(roi["he"], roi["ck56"]))
     cut = slice(margin, margin + BLOCK)
     return {"he": roi["he"][cut, cut], "mask": roi["mask"][cut, cut],
             "ck56": roi["ck56"][margin - dy:margin - dy + BLOCK, margin - dx:margin - dx + BLOCK]}

@@ -21,7 +21,7 @@ MIN_AREA_UM2 = 10_000.0  # a tissue piece or hole smaller than 0.01 mm² is drop
 def tissue_mask(rgb: np.ndarray, mpp: float, min_area_um2: float = MIN_AREA_UM2) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB at ``mpp`` µm/px -> ``(H, W)`` bool, True where tissue is."""
     saturation = rgb2hsv(rgb)[..., 1]
-    values = saturation.ravel()[::max(1, saturation.size // 1_000_000)]  # Otsu on a subsample suffices
+    values = saturation.ravel()[::max(1, saturation.size // 1_000_000)]  # a subsample suffices
     threshold = threshold_otsu(values) if np.ptp(values) > 0 else SATURATION_RANGE[1]
     mask = saturation > np.clip(threshold, *SATURATION_RANGE)
     mask &= rgb.min(axis=-1) < 250  # pure white is glass whatever its hue noise says
