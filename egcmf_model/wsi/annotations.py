@@ -190,7 +190,7 @@ def write_geojson(path: Path, feature_list: list[dict[str, Any]]) -> Path:
 def write_mask_geojson(path: Path, labels: np.ndarray, classes: Sequence[str],
                        mpp: float) -> int:
     """:func:`write_label_geojson` for a label map in memory (an ROI), in its own pixels."""
-    return write_label_geojson(path, lambda t, l, h, w: labels[t:t + h, l:l + w],
+    return write_label_geojson(path, lambda y, x, h, w: labels[y:y + h, x:x + w],
                                labels.shape[:2], classes, scale=1.0, mpp=mpp)
 
 

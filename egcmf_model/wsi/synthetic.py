@@ -24,7 +24,7 @@ from .polygons import mask_polygons
 from .pyramid import DOWNSAMPLE, level_shapes, write_pyramid
 
 BLOCK = 256  # side of one synthetic ROI at 40x, as in the default synthetic set
-POOL = 16  # distinct blocks; the tissue repeats them in a seeded pattern
+POOL = 8  # distinct blocks; the tissue repeats them in a seeded pattern
 GLASS = np.array([244, 244, 242], np.uint8)
 MARGIN = 0.12  # blank glass around the tissue ellipse, as a fraction of the side
 
