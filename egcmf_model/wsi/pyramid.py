@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from .tiling import RasterStore
+
 DOWNSAMPLE = 4  # between successive levels
 SMALLEST = 256  # levels are added until the longest side is at most this
 APERIO = "Aperio Image Library v12.0.15"
@@ -37,11 +39,13 @@ def write_pyramid(path: Path, strip: Strip, shapes: Sequence[tuple[int, int]],
                   mpp: float | None, channels: int, *, style: str = "tiff",
                   compression: str = "zlib",
                   quality: int = 90, tile: int = 512, description: str = "",
-                  palette: np.ndarray | None = None) -> Path:
+                  palette: np.ndarray | None = None,
+                  thumbnail: Callable[[], np.ndarray] | None = None) -> Path:
     """Write ``path``: level ``k`` has ``shapes[k]`` and ``mpp * 4**k`` µm/px, its pixels from
     ``strip(k, top, height)``. ``channels`` is 1 (grey) or 3 (RGB); ``mpp=None`` records no
     resolution at all (as some scanners' exports). ``palette`` ``(256, 3)`` uint8 makes a
-    one-channel image an indexed-colour one: viewers show the colours, the values stay ids."""
+    one-channel image an indexed-colour one: viewers show the colours, the values stay ids.
+    ``thumbnail`` gives the SVS thumbnail page (default: the smallest level)."""
     photometric = "rgb" if channels == 3 else "minisblack" if palette is None else "palette"
     args: dict = {"compression": compression, "photometric": photometric, "metadata": None}
     if palette is not None:
@@ -68,9 +72,9 @@ def write_pyramid(path: Path, strip: Strip, shapes: Sequence[tuple[int, int]],
             tif.write(_tiles(strip, level, h, w, tile), shape=shape, dtype=np.uint8,
                       tile=(tile, tile), subfiletype=_subfiletype(style, level), **args, **extra)
             if style == "svs" and level == 0:  # Aperio's second page is a thumbnail strip image
-                th, tw = shapes[-1]
-                tif.write(strip(len(shapes) - 1, 0, th)[:, :tw], **args,
-                          description=f"{APERIO}\r\n{w0}x{h0} -> {tw}x{th}")
+                small = thumbnail() if thumbnail else strip(len(shapes) - 1, 0, shapes[-1][0])
+                tif.write(small, **args, description=f"{APERIO}\r\n{w0}x{h0} -> "
+                          f"{small.shape[1]}x{small.shape[0]}")
     return path
 
 
@@ -87,3 +91,47 @@ def _tiles(strip: Strip, level: int, height: int, width: int, tile: int
         rows = strip(level, top, min(tile, height - top))
         for left in range(0, width, tile):
             yield np.ascontiguousarray(rows[:, left:left + tile])
+
+
+class PooledLevels:
+    """The strips of every level of an RGB pyramid whose level 0 comes from ``source(top,
+    height)``: while level 0 is written, each of its strips is averaged 4 x 4 into a file
+    that level 1 is then read from, and so on; one pass over level 0, little memory.
+    Strips must be asked for in order, level by level, ``top`` and ``height`` multiples of 4
+    (but for a level's last strip), as :func:`write_pyramid` does."""
+
+    def __init__(self, source: Callable[[int, int], np.ndarray],
+                 shapes: Sequence[tuple[int, int]], work: Path, fill: int = 255) -> None:
+        self.source, self.shapes, self.fill = source, list(shapes), fill
+        self.stores = [None] + [RasterStore(work / f"level{k}.raw", h, w, 3)
+                                for k, (h, w) in enumerate(self.shapes) if k]
+
+    def strip(self, level: int, top: int, height: int) -> np.ndarray:
+        if level == 0:
+            rows = self.source(top, height)
+        else:
+            rows = self.stores[level].read_rows(range(top, top + height))
+        if level + 1 < len(self.shapes):
+            self.stores[level + 1].write_rows(top // DOWNSAMPLE,
+                                              self._pool(rows, self.shapes[level + 1][1]))
+        return rows
+
+    def _pool(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """4 x 4 means, edges padded with ``fill``: ``(h, w, 3)`` -> ``(ceil(h/4), width, 3)``."""
+        h = math.ceil(rows.shape[0] / DOWNSAMPLE)
+        padded = np.full((h * DOWNSAMPLE, width * DOWNSAMPLE, 3), self.fill, np.uint8)
+        padded[:rows.shape[0], :rows.shape[1]] = rows[:, :width * DOWNSAMPLE]
+        sums = padded.reshape(h, DOWNSAMPLE, width, DOWNSAMPLE, 3).sum(axis=(1, 3),
+                                                                        dtype=np.uint16)
+        return ((sums + DOWNSAMPLE**2 // 2) // DOWNSAMPLE**2).astype(np.uint8)
+
+    def thumbnail(self) -> np.ndarray:
+        """About the smallest level's size, subsampled from level 1 (ready once level 0 is)."""
+        if len(self.stores) < 2:
+            return self.source(0, self.shapes[0][0])
+        step = DOWNSAMPLE ** (len(self.shapes) - 2)
+        return self.stores[1].read_rows(range(0, self.shapes[1][0], step))[:, ::step]
+
+    def close(self) -> None:
+        for store in self.stores[1:]:
+            store.close()

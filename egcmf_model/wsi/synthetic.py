@@ -12,6 +12,7 @@ of a few blocks, every pixel of each labelled, as a pathologist's QuPath export 
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from ..data.synthetic import PAIRED_CLASSES, render_roi, site_style
 from .annotations import features, write_geojson
 from .options import SlidePairSpec
 from .polygons import mask_polygons
-from .pyramid import DOWNSAMPLE, level_shapes, write_pyramid
+from .pyramid import PooledLevels, level_shapes, write_pyramid
 
 BLOCK = 256  # side of one synthetic ROI at 40x, as in the default synthetic set
 POOL = 8  # distinct blocks; the tissue repeats them in a seeded pattern
@@ -41,22 +42,10 @@ class SyntheticTissue:
         self.layout = np.random.default_rng([spec.seed, 1]).integers(0, POOL, (slots, slots))
         self.shapes = level_shapes(spec.size, spec.size)
 
-    def strip(self, kind: str, level: int, top: int, height: int, width: int | None = None
-              ) -> np.ndarray:
-        """Rows ``[top, top+height)`` of ``kind`` (he, ck56, mask) at ``level``."""
-        width = self.shapes[level][1] if width is None else width
-        if level == 0:
-            dy, dx = self.spec.shift if kind == "ck56" else (0, 0)
-            return self._compose(kind, top - dy, -dx, height, width)
-        out = np.empty((height, width, 3), np.uint8)
-        step = 64  # rows per piece: the level below is read 256 rows at a time
-        for r in range(0, height, step):
-            h = min(step, height - r)
-            finer = self.strip(kind, level - 1, DOWNSAMPLE * (top + r), DOWNSAMPLE * h,
-                               DOWNSAMPLE * width).astype(np.float32)
-            out[r:r + h] = finer.reshape(h, DOWNSAMPLE, width, DOWNSAMPLE, 3).mean(
-                axis=(1, 3)).round().astype(np.uint8)
-        return out
+    def strip(self, kind: str, top: int, height: int) -> np.ndarray:
+        """Level-0 rows ``[top, top+height)`` of ``kind`` (he, ck56, mask)."""
+        dy, dx = self.spec.shift if kind == "ck56" else (0, 0)
+        return self._compose(kind, top - dy, -dx, height, self.spec.size)
 
     def _compose(self, kind: str, top: int, left: int, height: int, width: int) -> np.ndarray:
         """Level-0 pixels of the aligned pair; glass (or label 0) outside the ellipse."""
@@ -109,17 +98,22 @@ def _aligned_block(rng: np.random.Generator, style) -> dict[str, np.ndarray]:
 
 def write_slide_pair(out: Path, spec: SlidePairSpec) -> dict[str, Path]:
     """Write ``he.<fmt>``, ``ck56.<fmt>`` and ``annotations.geojson`` into ``out``."""
-    if spec.size % BLOCK or spec.size < 4 * BLOCK:
-        raise ValueError(f"--size {spec.size}: must be a multiple of {BLOCK} and at least "
-                         f"{4 * BLOCK}")
+    if spec.size < 4 * BLOCK:
+        raise ValueError(f"--size {spec.size}: must be at least {4 * BLOCK} px")
     tissue = SyntheticTissue(spec)
     suffix = "svs" if spec.fmt == "svs" else "tif"
     paths = {}
+    out.mkdir(parents=True, exist_ok=True)
     for kind in ("he", "ck56"):
-        paths[kind] = write_pyramid(
-            out / f"{kind}.{suffix}", lambda lv, t, h, k=kind: tissue.strip(k, lv, t, h),
-            tissue.shapes, spec.mpp if spec.write_mpp else None, 3, style=spec.fmt,
-            compression="jpeg", tile=BLOCK, description="synthetic slide (egcmf synth-slides)")
+        with tempfile.TemporaryDirectory(dir=out, prefix=".levels-") as work:
+            levels = PooledLevels(lambda t, h, k=kind: tissue.strip(k, t, h), tissue.shapes,
+                                  Path(work), fill=int(GLASS[0]))
+            paths[kind] = write_pyramid(
+                out / f"{kind}.{suffix}", levels.strip, tissue.shapes,
+                spec.mpp if spec.write_mpp else None, 3, style=spec.fmt, compression="jpeg",
+                tile=BLOCK, description="synthetic slide (egcmf synth-slides)",
+                thumbnail=levels.thumbnail)
+            levels.close()
     paths["annotations"] = write_geojson(out / "annotations.geojson", _labels(tissue))
     return paths
 
@@ -128,8 +122,7 @@ def _labels(tissue: SyntheticTissue) -> list[dict]:
     """Every class region of each annotated block, as QuPath annotations."""
     traced: dict[int, list] = {v: [] for v in range(len(PAIRED_CLASSES))}
     for sy, sx in tissue.annotated_blocks():
-        mask = tissue.strip("mask", 0, sy * BLOCK, BLOCK, tissue.spec.size)[:, sx * BLOCK:
-                                                                            (sx + 1) * BLOCK]
+        mask = tissue.strip("mask", sy * BLOCK, BLOCK)[:, sx * BLOCK:(sx + 1) * BLOCK]
         for value in traced:
             traced[value] += mask_polygons(mask == value, (sy * BLOCK, sx * BLOCK))
     return features(traced, PAIRED_CLASSES, tissue.spec.mpp, namespace="synthetic")
