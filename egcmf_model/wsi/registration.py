@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from skimage.feature import ORB, match_descriptors
 from skimage.measure import ransac
 from skimage.registration import phase_cross_correlation
@@ -34,6 +36,7 @@ from .slide import Slide, SlideError
 log = logging.getLogger(__name__)
 
 MATCH_SIDE = 1024  # longest side, in pixels, of the views features are matched on
+MATCH_MPP = 2.0  # µm/px at least: finer, single nuclei are noise that H&E and CK5/6 do not share
 MIN_INLIERS = 8  # fewer RANSAC inliers than this: fall back to phase correlation
 REFINE_MPP = 1.0  # µm per pixel of the per-cell phase correlation
 CELL_UM = 256.0  # side of a refinement cell (larger on large slides)
@@ -89,8 +92,36 @@ def register(he: Slide, ck: Slide, tissue: np.ndarray, tissue_mpp: float) -> Reg
                 continue
             measured += 1
             found[r, c] = _cell_residual(he, ck, matrix, r * cell, c * cell, cell)
+    matrix, found = _refit(matrix, found, cell)
     corrections, trusted, error = _smooth_corrections(found)
     return Registration(matrix, method, inliers, cell, corrections, measured, trusted, error)
+
+
+def _refit(matrix: np.ndarray, found: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rigid fit redone on the cells' measurements (far more precise than thumbnail
+    features), and what each cell leaves of it."""
+    ok = ~np.isnan(found[..., 0])
+    if ok.sum() < 3:
+        return matrix, found
+    rows, cols = np.nonzero(ok)
+    src = np.stack([(cols + 0.5) * cell, (rows + 0.5) * cell], axis=1)  # cell centres (x, y)
+    dst = src @ matrix[:2, :2].T + matrix[:2, 2] + found[ok]
+    refit = _rigid_fit(src, dst)
+    moved = found.copy()
+    moved[ok] = dst - (src @ refit[:2, :2].T + refit[:2, 2])
+    return refit, moved
+
+
+def _rigid_fit(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares rotation and translation taking ``src`` to ``dst`` (``(N, 2)`` x, y)."""
+    a, b = src - src.mean(0), dst - dst.mean(0)
+    angle = math.atan2(float(np.sum(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0])),
+                       float(np.sum(a * b)))
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    out = np.eye(3)
+    out[:2, :2] = rotation
+    out[:2, 2] = dst.mean(0) - rotation @ src.mean(0)
+    return out
 
 
 def register_checked(he: Slide, ck: Slide, tissue: np.ndarray, tissue_mpp: float,
@@ -112,23 +143,27 @@ def register_checked(he: Slide, ck: Slide, tissue: np.ndarray, tissue_mpp: float
     return reg
 
 
-def _features_image(rgb: np.ndarray) -> np.ndarray:
+def _features_image(rgb: np.ndarray, smooth: float = 0.0) -> np.ndarray:
     """Haematoxylin density scaled to about [0, 1]: what H&E and CK5/6 share."""
     density = haematoxylin_density(rgb)
+    if smooth:
+        density = ndimage.gaussian_filter(density, smooth)
     scale = np.percentile(density, 99.5)
     return np.clip(density / scale, 0, 1) if scale > 0 else density
 
 
 def _rigid(he: Slide, ck: Slide) -> tuple[np.ndarray, str, int]:
     extent = max(max(s.size_at(1.0)) for s in (he, ck))
-    mpp = max(he.mpp, ck.mpp, extent / MATCH_SIDE)
-    a, b = (_features_image(s.thumbnail(mpp)) for s in (he, ck))
+    mpp = max(he.mpp, ck.mpp, MATCH_MPP, extent / MATCH_SIDE)
+    a, b = (_features_image(s.thumbnail(mpp), smooth=1.0) for s in (he, ck))
     try:
-        model, inliers = _match(a, b, mpp)
+        with warnings.catch_warnings():  # a failed fit is expected here and handled below
+            warnings.simplefilter("ignore")
+            model, inliers = _match(a, b, mpp)
     except RuntimeError as exc:  # ORB finds no keypoints on an empty or flat view
         log.debug("feature matching failed: %s", exc)
         model, inliers = None, 0
-    if model is not None and inliers >= MIN_INLIERS:
+    if model and inliers >= MIN_INLIERS:
         return model.params, "features", inliers
     size = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
     shift, _, _ = phase_cross_correlation(_pad(a, size), _pad(b, size), upsample_factor=4,
@@ -151,7 +186,7 @@ def _match(a: np.ndarray, b: np.ndarray, mpp: float) -> tuple[Any, int]:
     src, dst = points[0][pairs[:, 0]], points[1][pairs[:, 1]]
     model, inliers = ransac((src, dst), EuclideanTransform, min_samples=3,
                             residual_threshold=3 * mpp, max_trials=2000, rng=0)
-    return model, int(inliers.sum()) if inliers is not None else 0
+    return (model, int(inliers.sum())) if model and inliers is not None else (None, 0)
 
 
 def _pad(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
