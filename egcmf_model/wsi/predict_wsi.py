@@ -37,35 +37,29 @@ from .tissue import TISSUE_MPP, tissue_mask
 
 log = logging.getLogger(__name__)
 
+
 def predict_wsi(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: Path | None,
                 out: Path, device: torch.device, options: WsiOptions,
                 checkpoint: str = "") -> dict[str, Any]:
     """Predict a slide (pair) into ``out``; returns the report (also ``out/report.json``)."""
-    times: dict[str, float] = {}
     start = time.perf_counter()
     he, ck = open_pair(model, he_path, ck_path, options.mpp)
-    thumb = he.thumbnail(TISSUE_MPP)
-    tissue = tissue_mask(thumb, TISSUE_MPP)
-    times["tissue_s"] = time.perf_counter() - start
-    reg = None if ck is None else register_checked(
-        he, ck, tissue, TISSUE_MPP, options.max_registration_error, options.accept_registration)
-    times["registration_s"] = time.perf_counter() - start - times["tissue_s"]
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
+    try:
+        thumb = he.thumbnail(TISSUE_MPP)
+        tissue = tissue_mask(thumb, TISSUE_MPP)
+        times = {"tissue_s": time.perf_counter() - start}
+        reg = None if ck is None else register_checked(
+            he, ck, tissue, TISSUE_MPP, options.max_registration_error,
+            options.accept_registration)
+        times["registration_s"] = time.perf_counter() - start - times["tissue_s"]
         grid, tiles = _grid(model, he, tissue, options.overlap)
-        height10, width10 = he.size_at(LOW_MPP)
-        store = RasterStore(Path(work) / "map.raw", height10, width10, 2)
-        tumour = tumour_ids(classes) or [len(classes) - 1]
-        blender = StripBlender(store, len(classes), tumour, model.cfg.in_size)
-        t0 = time.perf_counter()
-        n_run = _run_tiles(model, classes, he, ck, reg, grid, tiles, blender, device, options)
-        times["inference_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = PredictionMap(store, LOW_MPP, he.mpp, he.dimensions[::-1])
-        outputs = _write_outputs(result, out, classes, tumour, thumb)
-        areas = result.areas_mm2(classes)
-        store.close()
-        times["writing_s"] = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        n_run, outputs, areas = _predict_map(model, classes, he, ck, reg, grid, tiles, thumb,
+                                             out, device, options, times)
+    finally:
+        for slide in (he, ck):
+            if slide is not None:
+                slide.close()
     times["total_s"] = time.perf_counter() - start
     report = {
         "slides": {"he": he.metadata(), "ck56": ck.metadata() if ck else None},
@@ -83,10 +77,27 @@ def predict_wsi(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: 
         "outputs": outputs,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    he.close()
-    if ck is not None:
-        ck.close()
     return report
+
+
+def _predict_map(model: EGCMF, classes: tuple[str, ...], he: Slide, ck: Slide | None,
+                 reg: Registration | None, grid: TileGrid, tiles: np.ndarray, thumb: np.ndarray,
+                 out: Path, device: torch.device, options: WsiOptions, times: dict[str, float]
+                 ) -> tuple[int, dict[str, Any], dict[str, float]]:
+    """Tiles into the on-disk map, then the map into the outputs; ``(tiles, files, areas)``."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
+        store = RasterStore(Path(work) / "map.raw", *he.size_at(LOW_MPP), 2)
+        tumour = tumour_ids(classes) or [len(classes) - 1]
+        blender = StripBlender(store, len(classes), tumour, model.cfg.in_size)
+        t0 = time.perf_counter()
+        n_run = _run_tiles(model, classes, he, ck, reg, grid, tiles, blender, device, options)
+        times["inference_s"] = time.perf_counter() - t0
+        result = PredictionMap(store, LOW_MPP, he.mpp, he.dimensions[::-1])
+        outputs = _write_outputs(result, out, classes, tumour, thumb)
+        areas = result.areas_mm2(classes)
+        store.close()
+        times["writing_s"] = time.perf_counter() - t0 - times["inference_s"]
+    return n_run, outputs, areas
 
 
 def open_pair(model: EGCMF, he_path: Path, ck_path: Path | None, mpp: float | None
