@@ -16,16 +16,18 @@ def add_wsi_commands(sub: argparse._SubParsersAction) -> None:
     from .options import ExtractOptions, SlidePairSpec, WsiOptions
 
     p = sub.add_parser("predict-wsi", help="segment a whole slide (pair): GeoJSON, TIFFs, report")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a checkpoint of egcmf train or of a federation (best.pt)")
     p.add_argument("--he", type=Path, required=True, help="H&E slide (SVS, NDPI, TIFF, ...)")
     p.add_argument("--ck56", type=Path, help="CK5/6 slide of the same block (edge variants)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for prediction.geojson, the TIFFs, thumbnail and report")
     _slide_args(p, WsiOptions)
     p.add_argument("--overlap", type=float, default=_default(WsiOptions, "overlap"),
                    help="share of a tile its neighbours overlap (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=_default(WsiOptions, "batch_size"),
                    help="tiles per forward pass (default: %(default)s)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
     p.set_defaults(func=_predict_wsi)
 
     p = sub.add_parser("extract-rois", help="cut an annotated slide pair into a site folder")
