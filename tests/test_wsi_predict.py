@@ -103,7 +103,7 @@ def test_report_records_slides_registration_tiles_and_areas(predicted: Path, svs
     assert set(report["time_s"]) >= {"tissue_s", "registration_s", "inference_s", "total_s"}
     assert report["tiles_per_s"] > 0
     with Image.open(predicted / "thumbnail.png") as image:
-        assert image.size == (128, 128)
+        assert image.size == (2048, 2048)  # 512 µm at 0.25 µm/px: level 0 itself
 
 
 def test_strip_blender_equals_blending_the_whole_map(tmp_path: Path) -> None:

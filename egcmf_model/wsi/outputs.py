@@ -14,7 +14,7 @@ from .annotations import write_label_geojson
 from .pyramid import level_shapes, write_pyramid
 from .tiling import NOT_ANALYSED, PROBABILITY_SCALE, RasterStore
 
-THUMBNAIL_SIDE = 2048  # longest side of thumbnail.png at most
+THUMBNAIL_SIDE = 2048  # longest side of thumbnail.png, about
 ROWS = 1024  # rows of the map read at a time when counting areas
 
 
@@ -68,10 +68,8 @@ class PredictionMap:
 
     def write_thumbnail(self, path: Path, he: np.ndarray, mpp: float) -> Path:
         """``he`` (the H&E at ``mpp``) with the predicted classes over it."""
-        step = max(1, -(-max(he.shape[:2]) // THUMBNAIL_SIDE))
-        image = he[::step, ::step]
-        labels = self.sample(0, mpp * step, 0, image.shape[0], image.shape[1])
-        write_png(path, overlay(image, np.where(labels == NOT_ANALYSED, 0, labels)))
+        labels = self.sample(0, mpp, 0, he.shape[0], he.shape[1])
+        write_png(path, overlay(he, np.where(labels == NOT_ANALYSED, 0, labels)))
         return path
 
 

@@ -29,7 +29,13 @@ from ..data.transforms import SCALE, tumour_ids
 from ..engine import INPUTS
 from ..network import EGCMF, needs_ck56
 from .options import WsiOptions
-from .outputs import PredictionMap, label_description, label_palette, probability_description
+from .outputs import (
+    THUMBNAIL_SIDE,
+    PredictionMap,
+    label_description,
+    label_palette,
+    probability_description,
+)
 from .registration import Registration, read_mapped, register_checked
 from .slide import Slide, open_slide
 from .tiling import HIGH_MPP, LOW_MPP, RasterStore, StripBlender, TileGrid
@@ -44,9 +50,9 @@ def predict_wsi(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: 
     """Predict a slide (pair) into ``out``; returns the report (also ``out/report.json``)."""
     start = time.perf_counter()
     he, ck = open_pair(model, he_path, ck_path, options.mpp)
+    slides = {"he": he.metadata(), "ck56": ck.metadata() if ck else None}
     try:
-        thumb = he.thumbnail(TISSUE_MPP)
-        tissue = tissue_mask(thumb, TISSUE_MPP)
+        tissue = tissue_mask(he.thumbnail(TISSUE_MPP), TISSUE_MPP)
         times = {"tissue_s": time.perf_counter() - start}
         reg = None if ck is None else register_checked(
             he, ck, tissue, TISSUE_MPP, options.max_registration_error,
@@ -54,15 +60,15 @@ def predict_wsi(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: 
         times["registration_s"] = time.perf_counter() - start - times["tissue_s"]
         grid, tiles = _grid(model, he, tissue, options.overlap)
         out.mkdir(parents=True, exist_ok=True)
-        n_run, outputs, areas = _predict_map(model, classes, he, ck, reg, grid, tiles, thumb,
-                                             out, device, options, times)
+        n_run, outputs, areas = _predict_map(model, classes, he, ck, reg, grid, tiles, out,
+                                             device, options, times)
     finally:
         for slide in (he, ck):
             if slide is not None:
                 slide.close()
     times["total_s"] = time.perf_counter() - start
     report = {
-        "slides": {"he": he.metadata(), "ck56": ck.metadata() if ck else None},
+        "slides": slides,
         "checkpoint": checkpoint, "variant": model.cfg.variant, "classes": list(classes),
         "network": {"tile_40x": grid.tile, "stride_40x": grid.stride, "input_10x":
                     model.cfg.in_size, "mpp_40x": HIGH_MPP, "mpp_10x": LOW_MPP},
@@ -81,8 +87,8 @@ def predict_wsi(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: 
 
 
 def _predict_map(model: EGCMF, classes: tuple[str, ...], he: Slide, ck: Slide | None,
-                 reg: Registration | None, grid: TileGrid, tiles: np.ndarray, thumb: np.ndarray,
-                 out: Path, device: torch.device, options: WsiOptions, times: dict[str, float]
+                 reg: Registration | None, grid: TileGrid, tiles: np.ndarray, out: Path,
+                 device: torch.device, options: WsiOptions, times: dict[str, float]
                  ) -> tuple[int, dict[str, Any], dict[str, float]]:
     """Tiles into the on-disk map, then the map into the outputs; ``(tiles, files, areas)``."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
@@ -93,7 +99,7 @@ def _predict_map(model: EGCMF, classes: tuple[str, ...], he: Slide, ck: Slide | 
         n_run = _run_tiles(model, classes, he, ck, reg, grid, tiles, blender, device, options)
         times["inference_s"] = time.perf_counter() - t0
         result = PredictionMap(store, LOW_MPP, he.mpp, he.dimensions[::-1])
-        outputs = _write_outputs(result, out, classes, tumour, thumb)
+        outputs = _write_outputs(result, out, classes, tumour, he)
         areas = result.areas_mm2(classes)
         store.close()
         times["writing_s"] = time.perf_counter() - t0 - times["inference_s"]
@@ -190,13 +196,14 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 
 def _write_outputs(result: PredictionMap, out: Path, classes: tuple[str, ...],
-                   tumour: list[int], thumb: np.ndarray) -> dict[str, Any]:
+                   tumour: list[int], he: Slide) -> dict[str, Any]:
     labels = result.write_tiff(out / "labels.tif", 0, label_description(classes),
                                palette=label_palette())
     prob = result.write_tiff(out / "tumour_probability.tif", 1,
                              probability_description(classes, tumour))
     features = result.write_geojson(out / "prediction.geojson", classes)
-    thumbnail = result.write_thumbnail(out / "thumbnail.png", thumb, TISSUE_MPP)
+    mpp = max(he.mpp, max(he.size_at(1.0)) / THUMBNAIL_SIDE)  # about THUMBNAIL_SIDE px
+    thumbnail = result.write_thumbnail(out / "thumbnail.png", he.thumbnail(mpp), mpp)
     return {"labels": labels.name, "tumour_probability": prob.name,
             "geojson": "prediction.geojson", "features": features,
             "thumbnail": thumbnail.name}
