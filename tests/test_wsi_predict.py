@@ -15,6 +15,7 @@ import openslide
 import pytest
 import shapely
 import tifffile
+import yaml
 from PIL import Image
 from shapely import affinity
 from shapely.geometry import shape
@@ -269,3 +270,36 @@ def test_a_simulation_runs_on_the_extracted_site_readme_command(readme_run, monk
     (run,) = [p for p in (cwd / "runs").iterdir() if p.name != "central"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2
+
+
+def test_extract_rois_from_asap_xml_he_only(tmp_path: Path, svs_pair, capsys) -> None:
+    def polygon(group: str, points: list[tuple[int, int]]) -> str:
+        coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>'
+                         for i, (x, y) in enumerate(points))
+        return (f'<Annotation Name="{group}" Type="Polygon" PartOfGroup="{group}">'
+                f"<Coordinates>{coords}</Coordinates></Annotation>")
+
+    square = [(600, 600), (900, 600), (900, 900), (600, 900)]
+    triangle = [(1200, 1000), (1400, 1000), (1200, 1200)]
+    xml = tmp_path / "asap.xml"
+    xml.write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations>'
+                   f'{polygon("Invasive", square)}{polygon("in situ", triangle)}'
+                   "</Annotations><AnnotationGroups/></ASAP_Annotations>")
+    out = tmp_path / "site"
+    assert main(["extract-rois", "--he", str(svs_pair["he"]), "--annotations", str(xml),
+                 "--out", str(out), "--name", "asap_site"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rois"] == 2
+    assert summary["registration"] is None
+    assert summary["problems"] == []
+    first = read_mask(out / "rois" / "roi_0000" / "mask.png")
+    assert first.shape == (300, 300)
+    assert (first == 2).all()
+    second = read_mask(out / "rois" / "roi_0001" / "mask.png")
+    assert second.shape == (200, 200)
+    assert set(np.unique(second)) == {1, 255}  # outside the triangle: not annotated
+    assert (second == 1).sum() == pytest.approx(200 * 200 / 2, rel=0.02)
+    assert not (out / "rois" / "roi_0000" / "ck56.png").exists()
+    meta = yaml.safe_load((out / "site.yaml").read_text())
+    assert meta["modalities"] == ["he"]
+    assert meta["name"] == "asap_site"

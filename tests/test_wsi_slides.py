@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+import tifffile
 from shapely.geometry import Point, Polygon, shape
 
 from egcmf_model.cli import main
@@ -19,6 +20,7 @@ from egcmf_model.wsi.annotations import (
     read_annotations,
     write_geojson,
 )
+from egcmf_model.wsi.extract import roi_boxes
 from egcmf_model.wsi.options import SlidePairSpec
 from egcmf_model.wsi.polygons import polygonise, rasterise
 from egcmf_model.wsi.registration import register
@@ -197,3 +199,29 @@ def test_annotation_files_qupath_and_asap(tmp_path: Path) -> None:
     assert region.name == "invasive"
     assert region.geometry.area == 1600
     assert shape(region.geometry.__geo_interface__).is_valid
+
+
+def test_tiffslide_opens_what_openslide_does_not(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "stripped.tif"  # OpenSlide reads tiled TIFF only
+    tifffile.imwrite(path, rgb, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER")
+    slide = open_slide(path)
+    assert slide.reader == "tiffslide"
+    assert slide.mpp == pytest.approx(0.5)
+    assert np.array_equal(slide.region(0.5, 10, 20, 30, 40), rgb[10:40, 20:60])
+    assert slide.region(0.5, 290, 390, 20, 20)[15, 15].tolist() == [255, 255, 255]  # outside
+
+
+def test_large_annotations_are_cut_into_rois_of_at_most_roi_size() -> None:
+    long_one = Polygon([(100, 50), (5100, 50), (5100, 350), (100, 350)])
+    small = Point(9000, 9000).buffer(40)
+    boxes = roi_boxes([long_one, small], 1.0, 2048)
+    assert len(boxes) == 4
+    *pieces, last = boxes
+    assert all(h <= 2048 and w <= 2048 for _, _, h, w in boxes)
+    assert all(v % 4 == 0 for b in boxes for v in b)  # whole 10x pixels
+    assert pieces[0][:2] == (48, 100)
+    assert pieces[-1][1] + pieces[-1][3] == 5100
+    assert sum(w for _, _, _, w in pieces) == 5000
+    assert last == (8960, 8960, 80, 80)
