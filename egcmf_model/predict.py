@@ -96,6 +96,7 @@ def predict_files(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path
               "classes": list(classes)}
     (out / "region.json").write_text(json.dumps(region, indent=2))
     from .wsi.annotations import write_mask_geojson  # shapely is loaded only here
+    from .wsi.tiling import HIGH_MPP
 
-    write_mask_geojson(out / "prediction.geojson", result["labels"], classes, mpp=0.25)
+    write_mask_geojson(out / "prediction.geojson", result["labels"], classes, mpp=HIGH_MPP)
     return region
