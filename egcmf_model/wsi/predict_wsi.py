@@ -79,7 +79,7 @@ def predict_wsi(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: 
         "registration": reg.summary(options.max_registration_error) if reg else None,
         "tiles": {"grid": int(tiles.size), "with_tissue": int(tiles.sum()), "run": n_run},
         "time_s": {k: round(v, 2) for k, v in times.items()},
-        "tiles_per_s": round(n_run / max(times["inference_s"], 1e-9), 2),
+        "tiles_per_s": round(n_run / max(times["inference_s"], 1e-9), 3),
         "outputs": outputs,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
