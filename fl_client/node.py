@@ -35,7 +35,7 @@ log = logging.getLogger("fl-client")
 NOT_REGISTERED = "Failed to activate SuperNode"
 NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
 CONNECTED = "SuperNode ID"
-POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 5.0, 3.0
+POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
 
 
 class JoinError(RuntimeError):
@@ -107,7 +107,7 @@ def _check_site(opts: JoinOptions) -> None:
 
 def wait_for_server(server: Address, ca: Path | None, max_wait: float) -> None:
     """Return once a (TLS) connection succeeds; retry while unreachable; fail fast on trust."""
-    deadline, delay = time.monotonic() + max_wait, 1.0
+    deadline, delay = time.monotonic() + max_wait, 0.5
     while True:
         try:
             tls_reachable(server, ca)

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+HELPER_GRACE = 3.0  # seconds Flower's helper processes get to exit after SIGTERM
 
 
 def flower_executable(name: str) -> str:
@@ -89,7 +90,7 @@ class Children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.procs.clear()
-        _stop_all(tree, grace)
+        _stop_all(tree, min(grace, HELPER_GRACE))
 
 
 def _die_with_parent() -> None:
