@@ -32,7 +32,6 @@ from .runner import read_status
 from .state import site_state_dir
 
 log = logging.getLogger("fl-client")
-NOT_REGISTERED = "Failed to activate SuperNode"
 NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
 CONNECTED = "SuperNode ID"
 POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
@@ -145,56 +144,74 @@ class Session:
         self.centre = Centre(server, opts.ca, None if opts.insecure else opts.key)
 
     def run(self) -> None:
-        runner = self._start_runner()
-        started = last_contact = last_probe = time.monotonic()
-        supernode, seen, connected, announced_wait = self._start_supernode(), 0, False, False
-        log_file = self._log_file
-        while True:
+        self.runner, self.supernode = self._start_runner(), self._start_supernode()
+        self.last_contact = self.last_probe = self.unaccepted_since = time.monotonic()
+        self.connected, self.announced = False, False
+        while not self._step():
             time.sleep(POLL)
-            text = log_file.read_text(errors="replace")[seen:] if log_file.exists() else ""
-            seen += len(text)
-            if NOT_TRUSTED in text:
-                raise JoinError(f"the server {self.server} is not trusted by {self.opts.ca}", 4)
-            if CONNECTED in text:
-                connected, announced_wait = True, False
-                log.info("connected to %s as site %s; waiting for rounds (log %s)", self.server,
-                         self.opts.site, log_file)
-            if runner.poll() is not None:
-                raise JoinError(f"the site's runner stopped (code {runner.returncode}); see "
-                                "the lines above", 6)
-            now = time.monotonic()
-            if now - last_probe >= PROBE_EVERY:
-                last_probe = now
-                status = read_status(self.status_file)
-                state = self.centre.probe(status)
-                if state is not RunState.UNREACHABLE:
-                    last_contact = now
-                if status.get("final") and state in (RunState.FINISHED, RunState.UNREACHABLE):
-                    log.info("the centre has closed the federation (run %s done); stopping "
-                             "this site's node", status["run_id"])
-                    return
-            if now - last_contact > self.opts.max_wait:
-                raise JoinError(f"no contact with the centre {self.server} for "
-                                f"{now - last_contact:.0f}s (--max-wait {self.opts.max_wait:.0f})"
-                                "; stopping. Start fl-client again when the centre is back", 3)
-            if supernode.poll() is None:
-                continue
-            if NOT_REGISTERED in text or not connected:
-                if now - started > self.opts.max_wait:
-                    raise JoinError(f"site {self.opts.site} is not registered at the server: "
-                                    f"the coordinating centre must add sites/{self.opts.site}"
-                                    ".pub (fl-server certs --add-site) and restart", 5)
-                if not announced_wait:
-                    log.info("the server has not accepted site %s yet (its key is not "
-                             "registered yet, or this site's previous connection has not timed "
-                             "out, up to a minute); retrying", self.opts.site)
-                    announced_wait = True
-            else:
-                log.info("the centre no longer knows this node (it restarted?); reconnecting")
-            connected = False
-            time.sleep(RESTART_DELAY)
-            supernode = self._start_supernode()
-            log_file, seen = self._log_file, 0
+
+    def _step(self) -> bool:
+        """One look at the node, the runner and the centre; True once the federation is over."""
+        self._read_node_log()
+        if self.runner.poll() is not None:
+            raise JoinError(f"the site's runner stopped (code {self.runner.returncode}); see "
+                            "the lines above", 6)
+        now = time.monotonic()
+        if now - self.last_probe >= PROBE_EVERY:
+            self.last_probe = now
+            if self._federation_over(now):
+                return True
+        if now - self.last_contact > self.opts.max_wait:
+            raise JoinError(f"no contact with the centre {self.server} for "
+                            f"{now - self.last_contact:.0f}s (--max-wait "
+                            f"{self.opts.max_wait:.0f}); stopping. Start fl-client again when "
+                            "the centre is back", 3)
+        if self.supernode.poll() is not None:
+            self._restart_node(now)
+        return False
+
+    def _read_node_log(self) -> None:
+        text = self.log_file.read_text(errors="replace")[self.seen:] \
+            if self.log_file.exists() else ""
+        self.seen += len(text)
+        if NOT_TRUSTED in text:
+            raise JoinError(f"the server {self.server} is not trusted by {self.opts.ca}", 4)
+        if CONNECTED in text:
+            self.connected, self.announced = True, False
+            log.info("connected to %s as site %s; waiting for rounds (log %s)", self.server,
+                     self.opts.site, self.log_file)
+
+    def _federation_over(self, now: float) -> bool:
+        """Over once this site answered the last round and the run is finished or the centre
+        gone; any answer from the centre counts as contact."""
+        status = read_status(self.status_file)
+        state = self.centre.probe(status)
+        if state is not RunState.UNREACHABLE:
+            self.last_contact = now
+        if status.get("final") and state in (RunState.FINISHED, RunState.UNREACHABLE):
+            log.info("the centre has closed the federation (run %s done); stopping this "
+                     "site's node", status["run_id"])
+            return True
+        return False
+
+    def _restart_node(self, now: float) -> None:
+        """The SuperNode stopped: the centre restarted (it no longer knows the node), or the key
+        is not accepted yet (registration comes just after the centre starts)."""
+        if self.connected:
+            log.info("the centre no longer knows this node (it restarted?); reconnecting")
+            self.unaccepted_since = now
+        elif now - self.unaccepted_since > self.opts.max_wait:
+            raise JoinError(f"site {self.opts.site} is not registered at the server: the "
+                            f"coordinating centre must add sites/{self.opts.site}.pub "
+                            "(fl-server certs --add-site) and restart", 5)
+        elif not self.announced:
+            log.info("the server has not accepted site %s yet (its key is not registered yet, "
+                     "or this site's previous connection has not timed out, up to a minute); "
+                     "retrying", self.opts.site)
+            self.announced = True
+        self.connected = False
+        time.sleep(RESTART_DELAY)
+        self.supernode = self._start_supernode()
 
     def _start_runner(self):
         args = [sys.executable, "-m", "fl_client.runner", "--runtime", f"127.0.0.1:{self.port}",
@@ -214,5 +231,6 @@ class Session:
             args += ["--root-certificates", str(self.opts.ca),
                      "--auth-supernode-private-key", str(self.opts.key)]
         self.starts += 1
-        self._log_file = self.logs / f"supernode-{time.strftime('%Y%m%d-%H%M%S')}-{self.starts}.log"
-        return self.children.start("supernode", args, self._log_file, flower_env())
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.log_file, self.seen = self.logs / f"supernode-{stamp}-{self.starts}.log", 0
+        return self.children.start("supernode", args, self.log_file, flower_env())

@@ -331,7 +331,8 @@ def test_an_app_signed_by_another_key_is_refused_at_the_site(federation: Path,
     assert not (tmp / "run" / "metrics.jsonl").exists() or all(
         not x["sites"] for x in _metrics(tmp / "run"))
     errors = [e["message"] for e in _events(tmp / "run") if e["kind"] == "error"]
-    assert errors and all("site refuses run" in m for m in errors)
+    assert errors
+    assert all("site refuses run" in m for m in errors)
     _no_leftovers(tmp, port)
 
 

@@ -45,7 +45,8 @@ def test_failed_status_queries_are_retried_with_backoff_until_patience_runs_out(
         assert patient.call(fail) is None
         delays.append(patient.delay)
         clock[0] += 10.0
-    assert delays == sorted(delays) and delays[0] < delays[-1]  # waits longer each time
+    assert delays == sorted(delays)
+    assert delays[0] < delays[-1]
     assert patient.call(lambda: "running") == "running"  # one success resets it
     assert patient.delay == 0.0
     clock[0] += 61.0

@@ -39,7 +39,8 @@ def test_another_local_process_cannot_take_the_sites_tasks(tmp_path: Path) -> No
     try:
         deadline = time.monotonic() + 60
         while not port_open("127.0.0.1", port):
-            assert node.poll() is None and time.monotonic() < deadline
+            assert node.poll() is None
+            assert time.monotonic() < deadline
             time.sleep(0.2)
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         for intruder in (None, secrets.token_bytes(32)):  # no secret, a guessed one
