@@ -23,7 +23,7 @@ from fl_common.address import Address
 from fl_common.appsign import SIGNATURE_KEY, SIGNER_KEY, load_signing_key, sign_run
 from fl_common.procs import Children, flower_env, port_open, supervised
 
-from .certs import APP_SIGNING, site_public_keys
+from .certs import APP_SIGNING, renew_app_signing, site_public_keys
 from .control import Control, Patient, build_fab
 from .metrics_tail import MetricsTail
 from .settings import run_config_defaults
@@ -144,16 +144,22 @@ def _submit(control: Control, opts: StartOptions, nodes: dict[int, str]) -> int:
         {str(k): v for k, v in sorted(nodes.items())})}
     fab, fab_hash = build_fab(app_pyproject())
     if not opts.insecure:
-        run_config.update(_signature(opts.certs, fab_hash, run_config))
+        run_config.update(signature(opts.certs, fab_hash, run_config))
     return control.start_run(fab, fab_hash, run_config)
 
 
-def _signature(certs: Path, fab_hash: str, run_config: dict[str, Any]) -> dict[str, str]:
+def signature(certs: Path, fab_hash: str, run_config: dict[str, Any]) -> dict[str, str]:
+    """The run's signature entries. A folder made before app signing existed gets its key
+    here, certified by its ``ca.key``, so that such a folder still needs nothing new."""
     key, cert = certs / f"{APP_SIGNING}.key", certs / f"{APP_SIGNING}.crt"
     if not key.exists() or not cert.exists():
-        raise RuntimeError(f"no {key}: the sites run only apps signed by the consortium; make "
-                           f"the app-signing key with fl-server certs --out {certs} "
-                           "--renew-app-signing (needs ca.key)")
+        if not (certs / "ca.key").exists():
+            raise RuntimeError(f"no {key}: the sites run only runs signed by the consortium; "
+                               f"make the app-signing key where ca.key is kept with fl-server "
+                               f"certs --out DIR --renew-app-signing, and copy it to {certs}")
+        renew_app_signing(certs)
+        log.info("made the consortium's app-signing key %s, certified by %s", key,
+                 certs / "ca.key")
     return sign_run(load_signing_key(key.read_bytes()), cert.read_bytes(), fab_hash, run_config)
 
 

@@ -20,7 +20,7 @@ from fl_common.appsign import (
 )
 from fl_server.certs import make_certificates, renew_app_signing
 from fl_server.control import build_fab
-from fl_server.launcher import app_pyproject
+from fl_server.launcher import app_pyproject, signature
 
 CONFIG = {"run-dir": "/srv/run", "num-rounds": 3, "min-sites": 2, "resume": False,
           "timeout": 3600.0, "server-dp-delta": 1e-5, "site-nodes": '{"7": "plagh"}'}
@@ -97,3 +97,17 @@ def test_a_renewed_signing_key_is_accepted_with_the_same_ca(tmp_path: Path) -> N
     assert (tmp_path / "app-signing.key").read_bytes() != key_before
     fab, fab_hash = build_fab(app_pyproject())
     verify_run(load_ca(ca_before), fab, fab_hash, _signed(tmp_path, fab_hash, CONFIG))
+
+
+def test_a_certs_folder_from_before_app_signing_needs_nothing_new(tmp_path: Path) -> None:
+    make_certificates(tmp_path)
+    for name in ("app-signing.crt", "app-signing.key"):
+        (tmp_path / name).unlink()  # today's layout without app signing: ca, server, sites
+    fab, fab_hash = build_fab(app_pyproject())
+    signed = {**CONFIG, **signature(tmp_path, fab_hash, CONFIG)}  # made from ca.key
+    verify_run(load_ca((tmp_path / "ca.crt").read_bytes()), fab, fab_hash, signed)
+    (tmp_path / "ca.key").unlink()
+    for name in ("app-signing.crt", "app-signing.key"):
+        (tmp_path / name).unlink()
+    with pytest.raises(RuntimeError, match="--renew-app-signing"):
+        signature(tmp_path, fab_hash, CONFIG)
