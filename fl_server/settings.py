@@ -90,8 +90,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: tuple[str, ..
     hints = typing.get_type_hints(FederationSettings)
     for name in names:
         f = fields[name]
-        extra = {"choices": STRATEGIES} if name == "strategy" else {}
-        parser.add_argument(_flag(f), dest=name, type=hints[name], default=f.default,
+        flag = _flag(f)
+        extra = ({"choices": STRATEGIES} if name == "strategy"
+                 else {"metavar": flag[2:].upper().replace("-", "_")})
+        parser.add_argument(flag, dest=name, type=hints[name], default=f.default,
                             help=f"{f.metadata['help']} (default: {f.default})", **extra)
 
 
