@@ -1,9 +1,11 @@
 """What a site can learn about the centre: is it there, and is this site's run still running.
 
-The site asks the way its SuperNode does, through the Fleet API at the centre's public
-address, with a request signed by the site's key (Flower's node authentication): ``get-run``
-for the run and node its runner last served. Flower answers the run while it runs, refuses with
-error 2007 once it is finished, and does not know the run or node after the centre restarted.
+Until the site has answered a run's last round, a TLS handshake tells whether the centre is
+there. Then the site asks the way its SuperNode does, through the Fleet API at the centre's
+public address, with a request signed by the site's key (Flower's node authentication):
+``get-run`` for the run and node its runner served. Flower answers the run while it runs,
+refuses with error 2007 once it is finished, and does not know the run or node after the centre
+restarted.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class Centre:
                               NodeAuthHttpInterceptor(private, private.public_key())])
 
     def probe(self, status: dict[str, Any]) -> RunState:
-        """The state of the run in ``status`` (the runner's), or whether the centre answers."""
-        if self.client is None or not status.get("run_id"):
+        """Whether the centre answers; once this site has answered the last round of the run in
+        ``status`` (the runner's), whether that run is finished."""
+        if self.client is None or not status.get("final"):
             try:
                 tls_reachable(self.server, self.ca, timeout=5.0)
             except OSError:
