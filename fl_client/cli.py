@@ -23,30 +23,32 @@ log = logging.getLogger("fl-client")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .state import default_state_dir
+    from .options import JoinOptions
 
+    d = JoinOptions(site="")
     p = argparse.ArgumentParser(
         prog="fl-client", description="Join a federation with this hospital's site folder.",
         epilog="Make the site's key first: fl-client keygen --site NAME --out certs/")
     p.add_argument("--site", required=True, help="this site's name in the federation")
-    p.add_argument("--server", default="127.0.0.1:8000",
-                   help="the centre's HOST:PORT (default: 127.0.0.1:8000)")
-    p.add_argument("--data", type=Path, default=Path("data"), help="this site's site folder")
-    p.add_argument("--certs", type=Path, default=Path("certs"),
-                   help="folder with ca.crt and sites/<site> (default: certs)")
-    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+    p.add_argument("--server", default=d.server, help="the centre's HOST:PORT (default: "
+                                                      "%(default)s)")
+    p.add_argument("--data", type=Path, default=d.data,
+                   help="this site's site folder (default: %(default)s)")
+    p.add_argument("--certs", type=Path, default=d.certs,
+                   help="folder with ca.crt and sites/<site> (default: %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=d.state_dir,
                    help="where this site keeps its privacy ledger, FedBN layers and logs, "
                         "across runs; never a cache (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--max-wait", type=float, default=300.0,
+    p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"))
+    p.add_argument("--max-wait", type=float, default=d.max_wait,
                    help="seconds to keep trying while the centre is unreachable or restarting "
-                        "(default: 300)")
+                        "(default: %(default)g)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no site key, no app signature (a server on 127.0.0.1 only)")
     p.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus) at this site")
-    p.add_argument("--epsilon", type=float, default=8.0,
-                   help="this site's privacy budget (default: 8)")
-    p.add_argument("--delta", type=float, default=1e-5, help="(default: 1e-5)")
+    p.add_argument("--epsilon", type=float, default=d.epsilon,
+                   help="this site's privacy budget (default: %(default)g)")
+    p.add_argument("--delta", type=float, default=d.delta, help="(default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])
     args = build_parser().parse_args(argv)
-    from .node import JoinError, JoinOptions, join
+    from .node import join
+    from .options import JoinError, JoinOptions
 
     opts = JoinOptions(site=args.site, server=args.server, data=args.data, certs=args.certs,
                        state_dir=args.state_dir, device=args.device, max_wait=args.max_wait,

@@ -19,7 +19,6 @@ import logging
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from egcmf_model.data.sites import check_site, load_site_meta
@@ -28,6 +27,7 @@ from fl_common.files import atomic_write, private_dir
 from fl_common.procs import Children, flower_env, flower_executable, free_port, supervised
 
 from .centre import Centre, RunState, tls_reachable
+from .options import JoinError, JoinOptions
 from .runner import read_status
 from .state import site_state_dir
 
@@ -35,35 +35,6 @@ log = logging.getLogger("fl-client")
 NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
 CONNECTED = "SuperNode ID"
 POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
-
-
-class JoinError(RuntimeError):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class JoinOptions:
-    site: str
-    server: str = "127.0.0.1:8000"
-    data: Path = Path("data")
-    certs: Path = Path("certs")
-    state_dir: Path = field(default_factory=Path)
-    device: str = "auto"
-    max_wait: float = 300.0
-    insecure: bool = False
-    dp: bool = False  # DP-SGD at this site, with its own budget
-    epsilon: float = 8.0
-    delta: float = 1e-5
-
-    @property
-    def key(self) -> Path:
-        return self.certs / "sites" / self.site
-
-    @property
-    def ca(self) -> Path | None:
-        return None if self.insecure else self.certs / "ca.crt"
 
 
 def join(opts: JoinOptions) -> None:

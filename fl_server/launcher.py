@@ -38,7 +38,7 @@ class StartOptions:
     run_dir: Path
     address: Address
     run_config: dict[str, Any]  # settings as run-config entries (kebab-case)
-    certs: Path | None = Path("certs")  # None: --insecure
+    certs: Path | None  # the folder made by fl-server certs; None: --insecure
     startup_timeout: float = 60.0
     status_patience: float = 60.0  # seconds the run's status may stay unknown
 
