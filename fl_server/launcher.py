@@ -117,6 +117,10 @@ def _register(control: Control, opts: StartOptions) -> dict[int, str]:
         raise RuntimeError(f"no site public keys in {opts.certs / 'sites'}: each hospital makes "
                            "its key with fl-client keygen and sends NAME.pub; add it with "
                            "fl-server certs --add-site NAME.pub")
+    if len(keys) < opts.run_config["min-sites"]:
+        raise RuntimeError(f"{len(keys)} site key(s) in {opts.certs / 'sites'} but --min-sites "
+                           f"{opts.run_config['min-sites']}: the run could never start; add the "
+                           "hospitals' keys (fl-server certs --add-site) or lower --min-sites")
     nodes = control.register_sites(keys)
     log.info("registered %d site key(s): %s", len(nodes), ", ".join(sorted(nodes.values())))
     return nodes
