@@ -58,7 +58,7 @@ class Centre:
         if ca is not None and key is not None:
             private = load_ssh_private_key(key.read_bytes(), None)
             self.client = FleetHttpClient.from_server_address(
-                str(server), insecure=False, root_certificates=str(ca),
+                str(server), insecure=False, root_certificates=ca.read_bytes(),
                 interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
                               NodeAuthHttpInterceptor(private, private.public_key())])
 

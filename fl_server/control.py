@@ -53,7 +53,8 @@ class Control:
 
     def __init__(self, address: str, ca: Path | None) -> None:
         self.client = ControlHttpClient.from_server_address(
-            address, insecure=ca is None, root_certificates=None if ca is None else str(ca),
+            address, insecure=ca is None,
+            root_certificates=None if ca is None else ca.read_bytes(),
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
 
     def close(self) -> None:

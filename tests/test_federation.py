@@ -212,6 +212,25 @@ def _flwr_home(home: Path, address: str, ca: Path) -> Path:
     return home
 
 
+def _fleet_register(port: int, outsider: Path) -> None:
+    """Flower's own Fleet register-node, signed with the outsider's key: refused."""
+    import httpx
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key = load_ssh_private_key((outsider / "sites" / "siteC").read_bytes(), None)
+    ca = (outsider / "ca.crt").read_bytes()
+    with FleetHttpClient.from_server_address(
+            f"127.0.0.1:{port}", insecure=False, root_certificates=ca,
+            interceptors=[NodeAuthHttpInterceptor(key, key.public_key())]) as client, \
+            pytest.raises(httpx.HTTPStatusError):
+        client.RegisterNode(RegisterNodeFleetRequest(
+            public_key=public_key_to_bytes(key.public_key())))
+
+
 def test_an_outsider_at_the_public_address_can_do_nothing(federation: Path,
                                                            synth_root: Path) -> None:
     """Holding only ca.crt and a key of its own, an outsider cannot register, list, submit or
@@ -249,6 +268,7 @@ def test_an_outsider_at_the_public_address_can_do_nothing(federation: Path,
                 result = _flwr(home, *attempt)
                 assert result.returncode != 0, (attempt, result.stdout)
                 assert "Not Found" in result.stdout + result.stderr, (attempt, result.stdout)
+        _fleet_register(port, outsider)
         runs = json.loads(_flwr(centre, "ls", "--format", "json").stdout)["runs"]
         assert [r["run-id"] for r in runs] == [run_id]  # nothing submitted, nothing stopped
         assert runs[0]["status"] == "running"
