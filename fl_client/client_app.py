@@ -25,7 +25,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from egcmf_model.config import Config, from_dict
-from egcmf_model.data.source import cache_dir
 from egcmf_model.engine import build_model, pick_device
 
 from .failures import PRIVACY_BUDGET_SPENT, public_error
@@ -33,6 +32,7 @@ from .faults import INFLATED_EXAMPLES, inject_fault
 from .fedbn import restore_local_norms, save_local_norms
 from .privacy import PrivacyLedger
 from .site import IncompatibleFederation, SiteData, resolve_site
+from .state import default_state_dir
 from .train import local_evaluate, local_train, round_seed
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,11 @@ def _evaluate(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
 
 
 def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
-    """Where this site keeps what must outlive a run (its privacy ledger, FedBN's layers)."""
+    """Where this site keeps what must outlive a run (its privacy ledger, FedBN's layers):
+    ``fl-client --state-dir``, the simulation's run folder, or the default state folder;
+    never a cache."""
     node = dict(context.node_config)
-    default = cache_dir() / "sites"
+    default = default_state_dir()
     return Path(str(node.get("state-dir", defaults.get("state-dir", default))))
 
 

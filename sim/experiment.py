@@ -20,6 +20,7 @@ import numpy as np
 from egcmf_model.config import Config, to_yaml
 from egcmf_model.data.source import DataSource, RoiRecord
 from egcmf_model.data.summary import site_partition
+from fl_server.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ log = logging.getLogger(__name__)
 class SimSettings:
     out: Path
     clients: int = 5
-    rounds: int = 20
+    rounds: int = DEFAULTS.num_rounds
     partition: str = "institution"
     alpha: float = 0.5
-    strategy: str = "fedavg"
+    strategy: str = DEFAULTS.strategy
     seed: int = 0
     client_gpus: float = 0.0  # GPU fraction per virtual client when a GPU exists
-    min_sites: int = 2  # fewest valid updates a round aggregates
+    min_sites: int = DEFAULTS.min_sites  # fewest valid updates a round aggregates
     fault: str = ""  # KIND:COUNT, fault injection
     strategy_options: tuple[tuple[str, float], ...] = ()  # proximal-mu, trim-fraction, krum-f
 

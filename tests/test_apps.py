@@ -256,3 +256,42 @@ def test_an_inflating_site_claims_a_billion_examples(site_context: Context) -> N
     back = reply.content["arrays"].to_torch_state_dict()
     name = next(k for k, v in sent.items() if v.is_floating_point())
     torch.testing.assert_close(back[name], sent[name] - 9.0 * (honest[name] - sent[name]))
+
+
+def test_deleting_the_cache_does_not_reset_a_privacy_budget(
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger lives in the site's state folder (fl-client --state-dir, by default
+    $EGCMF_STATE_DIR or ~/.local/state/egcmf-fl), never in a cache."""
+    import shutil
+
+    from egcmf_model.data.source import cache_dir
+    from fl_client.state import default_state_dir
+
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    monkeypatch.setenv("EGCMF_CACHE", str(cache))
+    monkeypatch.setenv("EGCMF_STATE_DIR", str(state))
+    cache.mkdir()
+    context = _context({"site": "plagh", "data": str(synth_root / "site_01"), "device": "cpu",
+                        "dp": True, "dp-epsilon": 50.0})  # no state-dir: the default
+    cfg = load_config("tiny", overrides=[
+        "model.variant=unet", "model.norm=group", "train.epochs=1", "dp.enabled=true",
+        "dp.noise_multiplier=1.0"])
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+
+    def train(rnd: int) -> float:
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+            {"egcmf-config": to_yaml(cfg), "server-round": rnd})})
+        reply = make_client_app()(Message(content=content, dst_node_id=1,
+                                          message_type=MessageType.TRAIN), context)
+        assert not reply.has_error(), reply.error
+        return reply.content["metrics"]["epsilon"]
+
+    first = train(1)
+    shutil.rmtree(cache)  # "clear the cache"
+    second = train(2)
+    assert second > first > 0  # the budget kept counting
+    assert (state / "plagh" / "privacy.json").exists()
+    monkeypatch.delenv("EGCMF_STATE_DIR")
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    assert default_state_dir() == Path.home() / ".local" / "state" / "egcmf-fl"
+    assert cache_dir() not in default_state_dir().parents

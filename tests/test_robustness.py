@@ -155,7 +155,7 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path: Path) -> None:
     torch.save({"strategy_state": strategy_state(a)}, tmp_path / "round_001.pt")
     b = make_strategy(StrategyOptions(name="fedadam"))
     restore_strategy_state(b, torch.load(tmp_path / "round_001.pt",
-                                         weights_only=False)["strategy_state"])
+                                         weights_only=True)["strategy_state"])
     assert np.array_equal(b.m_t["w"], a.m_t["w"])
     assert np.array_equal(b.v_t["w"], a.v_t["w"])
     assert strategy_state(make_strategy(StrategyOptions(name="fedavg"))) == {}
