@@ -26,6 +26,29 @@ class ConvNormAct(nn.Sequential):
             nn.ReLU(inplace=False),
         )
 
+    def frozen(self, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        """The same function on detached weights, calling no module: no hook fires (Opacus), no
+        running statistic moves. ``batch_stats``: normalise with the batch's statistics (as in
+        training) instead of the running ones."""
+        conv, norm, _ = self
+        bias = None if conv.bias is None else conv.bias.detach()
+        x = F.conv2d(x, conv.weight.detach(), bias, conv.stride, conv.padding)
+        return F.relu(frozen_norm(norm, x, batch_stats))
+
+
+def frozen_norm(norm: nn.Module, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+    """BatchNorm or GroupNorm ``norm`` applied functionally on detached parameters."""
+    weight = None if norm.weight is None else norm.weight.detach()
+    bias = None if norm.bias is None else norm.bias.detach()
+    if isinstance(norm, nn.GroupNorm):
+        return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+    if isinstance(norm, nn.BatchNorm2d):
+        if batch_stats or norm.running_mean is None:
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=norm.eps)
+        return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, training=False,
+                            eps=norm.eps)
+    raise TypeError(f"no frozen form for {type(norm).__name__}")
+
 
 class SqueezeExcitation(nn.Module):
     """SE block (Hu et al.): channel gates from global average pooling."""

@@ -41,6 +41,9 @@ class ModelConfig:
     norm: str = field(default="batch", metadata=_choice("batch", "group"))  # group for DP-SGD
     heads: int = 2  # heads of the axial cross-attention in MSFFM
     se_reduction: int = 8  # squeeze ratio of SE and channel-attention blocks
+    # target decoder level (stride) Grad-CAM reads, upsampled; stride 8 pointed away from the
+    # tumour in our measurements (bench/RESULTS.md), stride 4 onto it
+    cam_stride: int = field(default=4, metadata=_choice(8, 4, 2))
     window_frac: float = 0.25  # key-region window side / H (128 px at H=512)
     stride_frac: float = 0.0625  # window search stride / H (H/16)
     weights: str = ""  # optional local VGG16-BN state_dict to initialise every encoder

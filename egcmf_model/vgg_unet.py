@@ -79,6 +79,11 @@ class DecoderBlock(nn.Module):
         """``(B, cin, h, w)``, ``(B, cskip, 2h, 2w)`` -> ``(B, cout, 2h, 2w)``."""
         return self.conv2(self.conv1(torch.cat([upsample_to(x, skip), skip], dim=1)))
 
+    def frozen(self, x: torch.Tensor, skip: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        """:meth:`forward` on detached weights, without calling a module (see ConvNormAct)."""
+        x = torch.cat([upsample_to(x, skip), skip], dim=1)
+        return self.conv2.frozen(self.conv1.frozen(x, batch_stats), batch_stats)
+
 
 class UNetDecoder(nn.Module):
     """Four decoder blocks from stride 16 to stride 1; returns every level (coarse to fine)."""
@@ -105,6 +110,13 @@ class UNetDecoder(nn.Module):
             x = self.blocks[level](x, stages[LEVELS - 1 - level])
             outputs.append(x)
         return outputs
+
+    def frozen_resume(self, x: torch.Tensor, stages: list[torch.Tensor], start: int,
+                      batch_stats: bool) -> torch.Tensor:
+        """Levels ``start``.. to the finest, on detached weights (see ConvNormAct.frozen)."""
+        for level in range(start, LEVELS):
+            x = self.blocks[level].frozen(x, stages[LEVELS - 1 - level], batch_stats)
+        return x
 
 
 class VGGUNet(nn.Module):

@@ -77,6 +77,10 @@ def test_broken_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_model(tmp_path / "bad.pt")
 
 
+def doc_tiles(out: Path) -> list[dict]:
+    return json.loads((out / "region.json").read_text())["tiles"]
+
+
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -161,6 +165,7 @@ def test_predict_writes_everything_at_the_input_size(synth_root: Path, tmp_path:
     with Image.open(out / "mask.png") as mask:
         assert mask.size == (263, 301)
         assert mask.mode == "L"
+    assert all(isinstance(t["fallback"], bool) for t in doc_tiles(out))
     for name in ("overlay.png", "heatmap.png"):
         with Image.open(out / name) as image:
             assert image.size == (263, 301)
@@ -194,3 +199,16 @@ def test_profile_json_contract(capsys) -> None:
     assert doc["input"] == [3, 64, 64]
     assert doc["gflops"] > 0
     assert doc["device"] == "cpu"
+
+
+def test_predict_picks_a_salient_region_and_falls_back_to_the_centre() -> None:
+    from egcmf_model.predict import most_salient
+
+    def box(y: int, x: int, saliency: float, fallback: bool) -> dict:
+        return {"box_40x": [y, x, y + 64, x + 64], "saliency": saliency, "fallback": fallback}
+
+    tiles = [box(0, 0, 0.0, True), box(0, 256, 0.4, False), box(256, 256, 0.9, False)]
+    assert most_salient(tiles, (512, 512)) is tiles[2]
+    flat = [box(0, 0, 0.0, True), box(224, 224, 0.0, True), box(448, 448, 0.0, True)]
+    assert most_salient(flat, (512, 512)) is flat[1]  # nearest the centre, not the top-left
+    assert most_salient([], (512, 512)) is None
