@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import determinism
+
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     """BatchNorm, or GroupNorm (DP-SGD compatible) with up to 32 groups that divide ``channels``."""
@@ -120,5 +122,8 @@ class DepthwiseSeparableConv(nn.Sequential):
 
 
 def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear resize of ``x`` to the spatial size of ``like``."""
+    """Bilinear resize of ``x`` to the spatial size of ``like`` (deterministic on a GPU when
+    ``train.deterministic`` asks for it)."""
+    if determinism.wanted(x):
+        return determinism.bilinear(x, tuple(like.shape[-2:]))
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)

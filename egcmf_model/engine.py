@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import determinism
 from .config import ModelConfig
 from .data.transforms import tumour_ids
 from .losses import EGCMFLoss
@@ -34,10 +34,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     """Seed torch, numpy's legacy global and ``random`` (third-party code may use them);
     return a generator for data shuffling. ``deterministic`` also pins GPU kernels."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    determinism.enable(deterministic)
     random.seed(seed)
     np.random.seed(seed)  # libraries outside our control read the global state
     torch.manual_seed(seed)

@@ -57,10 +57,12 @@ class VGGEncoder(nn.Module):
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k.removeprefix("features."): v for k, v in state.items()
                  if k.startswith("features.")}
-        first = self.features[0].weight
-        if "0.weight" in state and state["0.weight"].shape[1] != first.shape[1]:
-            mean = state["0.weight"].mean(dim=1, keepdim=True)
-            state["0.weight"] = mean.repeat(1, first.shape[1], 1, 1)
+        channels = self.features[0].weight.shape[1]
+        if "0.weight" in state and state["0.weight"].shape[1] != channels:
+            # Spread the RGB filters' sum over our channels: a grey input of any channel count
+            # then gives the response the RGB filters give to grey.
+            total = state["0.weight"].sum(dim=1, keepdim=True)
+            state["0.weight"] = (total / channels).repeat(1, channels, 1, 1)
         missing, unexpected = self.features.load_state_dict(state, strict=False)
         if unexpected or missing:
             log.warning("VGG weights %s: %d missing, %d unexpected keys", path, len(missing),

@@ -57,7 +57,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         trained, optimizer, loader, engine = make_private(model, optimizer, loader, cfg.dp,
                                                           ledger, cfg.train.epochs, site)
         on_empty = noise_only_step(optimizer)
-    for _ in range(cfg.train.epochs):
+    for epoch in range(cfg.train.epochs):
+        loader.dataset.set_epoch(epoch)
         stats = train_epoch(trained, loader, optimizer, device, loss_fn, extra_loss=extra,
                             on_empty=on_empty)
     epsilon = NO_DP

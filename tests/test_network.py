@@ -369,3 +369,32 @@ def test_grad_cam_under_opacus_keeps_per_sample_gradients_exact() -> None:
     for name, p in params:
         assert p.grad_sample.shape[0] == 3, name
         assert torch.allclose(p.grad_sample.sum(0), p.grad, rtol=1e-4, atol=1e-6 * scale), name
+
+
+def test_torchvision_vgg16_bn_weights_load_into_every_encoder(tmp_path, caplog) -> None:
+    """`model.weights`: a torchvision VGG16-BN state dict (by path) initialises all four
+    encoders; the 2-channel edge encoder answers grey as the RGB filters do."""
+    from torchvision.models import vgg16_bn
+
+    from egcmf_model.engine import build_model
+    from egcmf_model.vgg_unet import VGGEncoder
+
+    torch.manual_seed(0)
+    reference = vgg16_bn(weights=None).state_dict()
+    state = {k: v for k, v in reference.items() if k.startswith("features.")}
+    state["classifier.6.bias"] = reference["classifier.6.bias"]  # not ours: skipped
+    torch.save(state, tmp_path / "vgg16_bn.pth")
+    cfg = dataclasses.replace(TINY, width=1.0, weights=str(tmp_path / "vgg16_bn.pth"))
+    model = build_model(cfg, ("background", "in_situ", "invasive"))
+    assert "missing" not in caplog.text
+    encoders = [m for m in model.modules() if isinstance(m, VGGEncoder)]
+    assert len(encoders) == 4  # target, detail, CK5/6 semantic, edge
+    for encoder in encoders:
+        for key, value in encoder.features.state_dict().items():
+            if key != "0.weight":
+                assert torch.equal(value, state[f"features.{key}"]), key
+    rgb_conv, edge_conv = model.he_branch.target.encoder.features[0], \
+        model.ck56_branch.edge_net.encoder.features[0]
+    assert torch.equal(rgb_conv.weight, state["features.0.weight"])
+    grey = torch.full((1, 3, 8, 8), 0.7)
+    assert torch.allclose(edge_conv(grey[:, :2]), rgb_conv(grey), atol=1e-5)
