@@ -79,6 +79,8 @@ class TrainConfig:
     epochs: int = 2  # epochs of centralised training (local epochs per round in FL)
     batch_size: int = 2  # as the paper
     lr: float = 1e-4  # Adam, as the paper
+    # over the whole run (all rounds of a federation): cosine decay to zero, or constant
+    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
     weight_decay: float = 0.0
     seed: int = 0  # drives model init, shuffling and augmentation
     num_workers: int = 0  # DataLoader workers; 0 keeps runs reproducible and light

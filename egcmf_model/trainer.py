@@ -55,7 +55,8 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
     model = build_model(cfg.model, source.classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+                 if cfg.train.lr_schedule == "cosine" else None)
     train_loader = make_loader(source.split("train"), source.classes, cfg, True, generator)
     val_loader = make_loader(source.split("val"), source.classes, cfg, False)
     loss_fn = EGCMFLoss(cfg.loss.gamma)
@@ -68,7 +69,8 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
         train_loader.dataset.set_epoch(epoch)
         stats = train_epoch(model, train_loader, optimizer, device, loss_fn,
                             progress=f"epoch {epoch}/{cfg.train.epochs}")
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         val = evaluate(model, val_loader, source.classes, device, loss_fn)
         line = {"epoch": epoch, "train_loss": stats["loss"], **_scalars(val)}
         with (out / "metrics.jsonl").open("a") as fh:
@@ -79,7 +81,8 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
         improved = score > best or epoch == 1
         best = max(best, score) if improved else best
         state = {"epoch": epoch, "best": best, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                 "scheduler": scheduler and scheduler.state_dict(),
+                 "generator": generator.get_state(),
                  "metrics": line}
         save_checkpoint(out / "last.pt", model, cfg, source.classes, **state)
         if improved:
@@ -91,7 +94,8 @@ def _restore(path: Path, model, optimizer, scheduler, generator, device) -> tupl
     loaded, _, _, payload = load_model(path, device)
     model.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
     generator.set_state(payload["generator"])
     return int(payload["epoch"]), float(payload["best"])
 

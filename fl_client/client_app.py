@@ -32,7 +32,7 @@ from .faults import inject_fault
 from .fedbn import restore_local_norms, save_local_norms
 from .privacy import BudgetExhausted, PrivacyLedger
 from .site import SiteData, resolve_site
-from .train import local_evaluate, local_train, round_seed
+from .train import local_evaluate, local_train, round_progress, round_seed
 
 log = logging.getLogger(__name__)
 PRIVACY_BUDGET_SPENT = 100  # error code of a training reply refused for the privacy budget
@@ -48,12 +48,14 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg, site, model, device = _setup(msg, context, fixed)
         options = msg.content["config"]
-        seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
+        rnd = int(options["server-round"])
+        seed = round_seed(cfg.train.seed, rnd, site.name)
         mu = float(options.get("proximal-mu", 0.0))
         state = _state_dir(context, fixed) / site.name
         try:
             metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
-                                  PrivacyLedger(state / "privacy.json"), site.name)
+                                  PrivacyLedger(state / "privacy.json"), site.name,
+                                  round_progress(rnd, int(options.get("num-rounds", 0))))
         except BudgetExhausted as exc:  # a refusal, not a crash: one line in the server's log
             log.warning("%s", exc)
             return Message(error=Error(PRIVACY_BUDGET_SPENT, str(exc)), reply_to=msg)
