@@ -202,3 +202,24 @@ def test_data_cache_is_keyed_by_the_generator_version(monkeypatch: pytest.Monkey
     assert second != first
     assert (second / "done").exists()
     assert (second / "site_01" / "site.yaml").exists()
+
+
+def test_the_tiny_field_of_view_shows_a_duct_with_its_rim() -> None:
+    """64 px at 10x = 64 µm: every acinus and in-situ duct fits in it with its rim, and many
+    generated tiles show one whole."""
+    from egcmf_model.config import load_config
+    from egcmf_model.data.nuclei import IRREGULARITY
+
+    field_um = load_config("tiny").model.in_size * 1.0  # 10x: 1 µm/px
+    for kind in (IN_SITU, BENIGN):
+        widest = 2 * RADIUS_UM[kind][1] * (1 + IRREGULARITY[kind]) ** 3
+        assert widest < field_um, kind
+    whole = rim = 0
+    for roi in _rois(256, 40):
+        walled = (roi["kind"] == IN_SITU) | (roi["kind"] == BENIGN)
+        labels, _ = ndimage.label(walled)
+        rim += walled.any()
+        whole += any(y.start > 0 and x.start > 0 and y.stop < 256 and x.stop < 256
+                     for y, x in ndimage.find_objects(labels))
+    assert rim >= 20
+    assert whole >= 4

@@ -15,12 +15,14 @@ from scipy import ndimage
 
 IN_SITU, INVASIVE, BENIGN, FAT = 1, 2, 3, 4  # structure kinds; 0 is stroma
 LABEL_OF_KIND = {IN_SITU: 1, INVASIVE: 2, BENIGN: 0, FAT: 0}
-RADIUS_UM = {BENIGN: (14.0, 30.0), IN_SITU: (18.0, 40.0), INVASIVE: (8.0, 28.0),
-             FAT: (20.0, 45.0)}
+# Radii: acini and small ducts of a lobule, lobular units filled by carcinoma in situ, invasive
+# nests; all fit in the tiny preset's 64 µm field of view with their rim.
+RADIUS_UM = {BENIGN: (10.0, 22.0), IN_SITU: (13.0, 25.0), INVASIVE: (7.0, 22.0),
+             FAT: (15.0, 35.0)}
 IRREGULARITY = {BENIGN: 0.06, IN_SITU: 0.08, INVASIVE: 0.25, FAT: 0.05}  # outline harmonics
-AREA_PER_STRUCTURE_UM2 = 2000.0  # tissue area per structure, on average
-FAT_SHARE = 0.1  # of the structures: adipocytes
+AREA_PER_STRUCTURE_UM2 = 1600.0  # tissue area per structure, on average
 GAP_UM = 4.0  # stroma between neighbouring structures, at least
+FAT_SHARE = 0.1  # of the structures: adipocytes
 
 
 @dataclass(frozen=True)
