@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sim/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5, help="virtual hospitals (default 5)")
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=14)
     p.add_argument("--local-epochs", type=int, help="epochs per round at each site")
     p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"))
     p.add_argument("--data", type=Path, help="data folder (default: generated synthetic set)")
