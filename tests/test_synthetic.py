@@ -171,7 +171,7 @@ def test_structures_keep_their_size_in_um_whatever_the_roi_side() -> None:
     """A bigger ROI shows more tissue, not bigger lesions: sizes are in µm at 0.25 µm/px."""
     low, high = min(r for r, _ in RADIUS_UM.values()), max(r for _, r in RADIUS_UM.values())
     mean_radius = {}
-    for side in (512, 1024):
+    for side in (384, 768):
         radii = []
         for roi in _rois(side, 4):
             labels, _ = ndimage.label(roi["kind"] > 0)
@@ -185,7 +185,7 @@ def test_structures_keep_their_size_in_um_whatever_the_roi_side() -> None:
         assert low * 0.7 < min(radii)
         assert max(radii) < high * 1.3
         mean_radius[side] = np.mean(radii)
-    assert 0.75 < mean_radius[512] / mean_radius[1024] < 1.33
+    assert 0.75 < mean_radius[384] / mean_radius[768] < 1.33
 
 
 def test_data_cache_is_keyed_by_the_generator_version(monkeypatch: pytest.MonkeyPatch) -> None:
