@@ -1,13 +1,15 @@
 """Table V on synthetic paired data: every variant, several seeds, test Dice per lesion class.
 
     python bench/ablation.py --epochs 40 --seeds 0 1 2 --out runs/ablation             # CPU
-    python bench/ablation.py --epochs 40 --seeds 0 1 2 --width 0.5 --device cuda \\
-        --out runs/ablation-w05                                                          # GPU
+    for s in 0 1 2; do python bench/ablation.py --epochs 40 --seeds $s --width 0.5 \\
+        --device cuda --set train.num_workers=3 --out runs/ablation-w05 & done; wait    # GPU
 
 Pooled training (``egcmf train``'s loop) on the synthetic sites' training split, best
 validation checkpoint, evaluated on the held-out test split. Writes OUT/ablation.jsonl (one line
-per run; runs already there are skipped, so an interrupted table resumes) and prints a Markdown
-table of mean ± std with the data generator's version.
+per run; runs already there are skipped, so an interrupted table resumes, and one process per
+seed may share a folder) and prints a Markdown table of mean ± std with the data generator's
+version. DataLoader workers (``--set train.num_workers=N``) do not change the results: each
+tile's augmentation is drawn from (seed, epoch, tile).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +31,20 @@ from egcmf_model.data.synthetic import generator_version, write_synthetic
 from egcmf_model.engine import evaluate, pick_device
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import fit, make_loader
+
+
+def synthetic_data(target: Path, sites: int, rois: int) -> Path:
+    """The ablation's data set, written once; several processes may race (one per seed)."""
+    if not (target / "done").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        write_synthetic(tmp, sites, rois, 256, seed=0)
+        (tmp / "done").write_text("")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def run(data: Path, variant: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
@@ -81,10 +99,8 @@ def main() -> None:
                         metavar="KEY=VALUE", help="any other config override")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = args.out / f"data_v{generator_version()}"
-    if not (data / "done").exists():
-        write_synthetic(data, args.sites, args.rois_per_site, 256, seed=0)
-        (data / "done").write_text("")
+    data = synthetic_data(args.out / f"data_v{generator_version()}", args.sites,
+                          args.rois_per_site)
     log = args.out / "ablation.jsonl"
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     done = {(r["variant"], r["seed"], r["width"], r["data"]) for r in rows}

@@ -106,3 +106,25 @@ def test_augmented_dataset_is_reproducible_and_worker_independent(synth_root: Pa
     assert any(not torch.equal(a[i]["he"], x) for i, x in enumerate(forward_order))
     item = a[0]  # images and masks move together
     assert torch.equal(item["mask"], torch.from_numpy(mask_to_10x(item["mask_40x"].numpy())))
+
+
+def test_dataloader_workers_draw_the_same_augmentation_as_the_main_process(
+    synth_root: Path,
+) -> None:
+    from egcmf_model.config import load_config
+    from egcmf_model.trainer import make_loader
+
+    source = open_sites(synth_root)
+    cfg = load_config("tiny")
+
+    def epoch(workers: int) -> list[torch.Tensor]:
+        with_workers = load_config("tiny", overrides=[f"train.num_workers={workers}"])
+        loader = make_loader(source.split("train"), source.classes, with_workers, True,
+                             torch.Generator().manual_seed(5))
+        loader.dataset.set_epoch(3)
+        return [batch["he"] for batch in loader]
+
+    assert cfg.data.augment
+    alone, pooled = epoch(0), epoch(2)
+    assert len(alone) == len(pooled)
+    assert all(torch.equal(a, b) for a, b in zip(alone, pooled, strict=True))
