@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import determinism
+
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     """BatchNorm, or GroupNorm (DP-SGD compatible) with up to 32 groups that divide ``channels``."""
@@ -25,6 +27,29 @@ class ConvNormAct(nn.Sequential):
             make_norm(norm, cout),
             nn.ReLU(inplace=False),
         )
+
+    def frozen(self, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        """The same function on detached weights, calling no module: no hook fires (Opacus), no
+        running statistic moves. ``batch_stats``: normalise with the batch's statistics (as in
+        training) instead of the running ones."""
+        conv, norm, _ = self
+        bias = None if conv.bias is None else conv.bias.detach()
+        x = F.conv2d(x, conv.weight.detach(), bias, conv.stride, conv.padding)
+        return F.relu(frozen_norm(norm, x, batch_stats))
+
+
+def frozen_norm(norm: nn.Module, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+    """BatchNorm or GroupNorm ``norm`` applied functionally on detached parameters."""
+    weight = None if norm.weight is None else norm.weight.detach()
+    bias = None if norm.bias is None else norm.bias.detach()
+    if isinstance(norm, nn.GroupNorm):
+        return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+    if isinstance(norm, nn.BatchNorm2d):
+        if batch_stats or norm.running_mean is None:
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=norm.eps)
+        return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, training=False,
+                            eps=norm.eps)
+    raise TypeError(f"no frozen form for {type(norm).__name__}")
 
 
 class SqueezeExcitation(nn.Module):
@@ -97,5 +122,8 @@ class DepthwiseSeparableConv(nn.Sequential):
 
 
 def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear resize of ``x`` to the spatial size of ``like``."""
+    """Bilinear resize of ``x`` to the spatial size of ``like`` (deterministic on a GPU when
+    ``train.deterministic`` asks for it)."""
+    if determinism.wanted(x):
+        return determinism.bilinear(x, tuple(like.shape[-2:]))
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)

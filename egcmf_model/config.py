@@ -41,6 +41,9 @@ class ModelConfig:
     norm: str = field(default="batch", metadata=_choice("batch", "group"))  # group for DP-SGD
     heads: int = 2  # heads of the axial cross-attention in MSFFM
     se_reduction: int = 8  # squeeze ratio of SE and channel-attention blocks
+    # target decoder level (stride) Grad-CAM reads, upsampled; stride 8 pointed away from the
+    # tumour in our measurements (bench/RESULTS.md), stride 4 onto it
+    cam_stride: int = field(default=4, metadata=_choice(8, 4, 2))
     window_frac: float = 0.25  # key-region window side / H (128 px at H=512)
     stride_frac: float = 0.0625  # window search stride / H (H/16)
     weights: str = ""  # optional local VGG16-BN state_dict to initialise every encoder
@@ -76,6 +79,8 @@ class TrainConfig:
     epochs: int = 2  # epochs of centralised training (local epochs per round in FL)
     batch_size: int = 2  # as the paper
     lr: float = 1e-4  # Adam, as the paper
+    # over the whole run (all rounds of a federation): cosine decay to zero, or constant
+    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
     weight_decay: float = 0.0
     seed: int = 0  # drives model init, shuffling and augmentation
     num_workers: int = 0  # DataLoader workers; 0 keeps runs reproducible and light

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import determinism
 from .config import ModelConfig
 from .data.transforms import tumour_ids
 from .losses import EGCMFLoss
@@ -34,10 +35,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     """Seed torch, numpy's legacy global and ``random`` (third-party code may use them);
     return a generator for data shuffling. ``deterministic`` also pins GPU kernels."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    determinism.enable(deterministic)
     random.seed(seed)
     np.random.seed(seed)  # libraries outside our control read the global state
     torch.manual_seed(seed)
@@ -63,6 +61,23 @@ def forward(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return model(**{k: batch[k] for k in INPUTS})
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str,
+                progress: tuple[float, float] | None, steps: int
+                ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step learning rate for ``steps`` steps spanning ``progress`` (fractions of the whole
+    run): ``cosine`` decays from the configured rate at 0 to zero at 1; ``constant`` (or no
+    ``progress``) keeps it."""
+    if kind == "constant" or progress is None:
+        return None
+    start, end = progress
+
+    def factor(step: int) -> float:
+        where = start + (end - start) * min(step, steps) / max(steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(where, 0.0), 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -71,15 +86,17 @@ def train_epoch(
     loss_fn: EGCMFLoss,
     progress: str | None = None,
     on_empty: Callable[[], None] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of each loss term and ``num-examples``.
+    """One pass over ``loader``; returns the mean of each loss term, ``num-examples`` and
+    ``steps`` (optimiser steps taken). ``scheduler`` steps after every optimiser step.
 
     Poisson sampling (DP-SGD) can draw an empty batch, which its loader yields as ``None``:
     ``on_empty`` runs in its place (the noise-only step), and the batch counts towards no mean.
     """
     model.train()
     sums: dict[str, float] = {}
-    seen = 0
+    seen = steps = 0
     # disable=None: no bar when stderr is not a terminal (CI logs, background runs)
     for batch in tqdm(loader, desc=progress, disable=True if progress is None else None,
                       leave=False):
@@ -92,12 +109,15 @@ def train_epoch(
         loss, parts = loss_fn(forward(model, batch), batch)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        steps += 1
         n = batch["he"].shape[0]
         seen += n
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value * n
     means = {key: value / max(seen, 1) for key, value in sums.items()}
-    return {**means, "num-examples": seen}
+    return {**means, "num-examples": seen, "steps": steps}
 
 
 @torch.no_grad()

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import ConvNormAct, SqueezeExcitation
 from .config import ModelConfig
-from .saliency import centre_box, crop_boxes, grad_cam, window_search
+from .saliency import centre_box, crop_boxes, grad_cam, search_stride, window_search, window_size
 from .vgg_unet import LEVELS, VGGUNet
 
 R_AIM, R_HIGH = 1.0, 0.25  # µm/px of the target (10x) and detail (40x) inputs
 ZOOM = 4  # R_AIM / R_HIGH: a 10x box of side H/4 is H pixels at 40x
 TARGET_STRIDE = 2  # target decoder level that receives the detail features
 DETAIL_STRIDE = 8  # detail decoder level whose sampling resolution matches it
+CAM_STRIDES = (8, 4, 2)  # target decoder levels Grad-CAM may read: those before MRFM
 
 
 def level_index(stride: int) -> int:
@@ -55,9 +57,11 @@ class HEBranch(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int, tumour: list[int], zoom: str) -> None:
         super().__init__()
+        if cfg.cam_stride not in CAM_STRIDES:  # a level before MRFM
+            raise ValueError(f"model.cam_stride={cfg.cam_stride}: choose one of {CAM_STRIDES}")
         self.zoom, self.tumour = zoom, tumour
-        self.window = round(cfg.in_size * cfg.window_frac)
-        self.stride = max(2, round(cfg.in_size * cfg.stride_frac))
+        self.window_frac, self.stride_frac = cfg.window_frac, cfg.stride_frac
+        self.cam_level = level_index(cfg.cam_stride)
         make = lambda: VGGUNet(3, num_classes, cfg.width, cfg.decoder_width, cfg.norm)  # noqa: E731
         self.target = make()
         if zoom != "none":
@@ -73,12 +77,10 @@ class HEBranch(nn.Module):
         if self.zoom == "none":
             levels = decoder(stages)
             return {"logits": head(levels[-1]), "levels": levels,
-                    "cam": grad_cam(levels[-1], head, self.tumour)}
+                    "cam": self.saliency(levels[self.cam_level], stages)}
         fuse_at = level_index(TARGET_STRIDE)
-        coarse = decoder.resume(stages[-1], stages, 0, fuse_at + 1)
-        with torch.no_grad():  # first pass of the finest level: only for the saliency map
-            first = decoder.resume(coarse[-1], stages, fuse_at + 1)
-        cam = grad_cam(first[-1], head, self.tumour)
+        coarse = decoder.resume(stages[-1], stages, 0, fuse_at + 1)  # strides 8, 4, 2
+        cam = self.saliency(coarse[self.cam_level], stages)
         boxes = self.key_region(cam)
         high_logits, high_levels = self.detail(crop_boxes(he_40x, boxes, ZOOM))
         refined = self.mrfm(coarse[-1], high_levels[level_index(DETAIL_STRIDE)],
@@ -87,8 +89,27 @@ class HEBranch(nn.Module):
         return {"logits": head(levels[-1]), "levels": levels, "cam": cam, "boxes": boxes,
                 "logits_high": high_logits}
 
+    def saliency(self, features: torch.Tensor, stages: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, H, W)`` Grad-CAM of the tumour probability, read at ``features`` (the decoder
+        level ``cam_level``); the rest of the target branch runs frozen (no side effects)."""
+        skips = [s.detach() for s in stages]
+        decoder, head, batch_stats = self.target.decoder, self.target.head, self.training
+
+        def tail(x: torch.Tensor) -> torch.Tensor:
+            x = decoder.frozen_resume(x, skips, self.cam_level + 1, batch_stats)
+            bias = None if head.bias is None else head.bias.detach()
+            return F.conv2d(x, head.weight.detach(), bias)
+
+        return grad_cam(features, tail, self.tumour, stages[0].shape[-2:])
+
     def key_region(self, cam: torch.Tensor) -> torch.Tensor:
-        """``(B, 4)`` box ``(y0, x0, y1, x1)`` in 10x pixels; not differentiated through."""
+        """``(B, 4)`` box ``(y0, x0, y1, x1)`` in 10x pixels, not differentiated through: the
+        window of highest mean saliency, or the centred window (``mrcfm``, or a flat map)."""
+        h, w = cam.shape[-2:]
+        window = window_size(h, w, self.window_frac)
+        centre = centre_box(cam.shape[0], (h, w), window, cam.device)
         if self.zoom == "centre":
-            return centre_box(cam.shape[0], tuple(cam.shape[-2:]), self.window, cam.device)
-        return window_search(cam.detach(), self.window, self.stride)
+            return centre
+        found = window_search(cam.detach(), window, search_stride(h, w, self.stride_frac))
+        flat = cam.flatten(1).amax(dim=1) <= 0  # nothing salient: zoom on the centre
+        return torch.where(flat[:, None], centre, found)

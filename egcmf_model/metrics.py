@@ -63,5 +63,11 @@ class SegmentationMetrics:
         }
 
 
+def selection_score(dice: float | None) -> float:
+    """The validation Dice that picks the best model. Undefined Dice (NaN or None: no annotated
+    class in the truth nor in the prediction, nothing to find and nothing found) scores 1."""
+    return 1.0 if dice is None or dice != dice else float(dice)
+
+
 def _num(value: float) -> float | None:
     return None if np.isnan(value) else float(value)

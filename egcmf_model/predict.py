@@ -55,12 +55,25 @@ def predict_arrays(model: EGCMF, classes: tuple[str, ...], he: np.ndarray,
                 box10 = [b[0] + y // SCALE, b[1] + x // SCALE, b[2] + y // SCALE, b[3] + x // SCALE]
                 boxes.append({"tile_40x": [y, x], "box_10x": box10,
                               "box_40x": [v * SCALE for v in box10],
-                              "saliency": float(out["cam"][0, b[0]:b[2], b[1]:b[3]].mean())})
+                              "saliency": float(out["cam"][0, b[0]:b[2], b[1]:b[3]].mean()),
+                              "fallback": bool(out["cam"][0].max() <= 0)})
     probs = F.interpolate((logits / votes)[None], scale_factor=SCALE, mode="bilinear")[0]
     saliency = F.interpolate((cam / votes)[None, None], scale_factor=SCALE, mode="bilinear")[0, 0]
     h, w = he.shape[:2]
     return {"labels": probs.argmax(0)[:h, :w].numpy().astype(np.uint8),
             "saliency": saliency[:h, :w].clamp(0, 1).numpy(), "boxes": boxes}
+
+
+def most_salient(boxes: list[dict[str, Any]], size: tuple[int, int]) -> dict[str, Any] | None:
+    """The key region of highest saliency; where no tile had a salient area (each fell back to
+    its centre window), the one nearest the image centre."""
+    salient = [b for b in boxes if not b["fallback"]]
+    if salient:
+        return max(salient, key=lambda b: b["saliency"])
+    centre = (size[0] / 2, size[1] / 2)
+    return min(boxes, default=None, key=lambda b: (
+        (b["box_40x"][0] + b["box_40x"][2]) / 2 - centre[0]) ** 2 + (
+        (b["box_40x"][1] + b["box_40x"][3]) / 2 - centre[1]) ** 2)
 
 
 def _pad_white(image: np.ndarray, tile: int) -> np.ndarray:
@@ -90,7 +103,7 @@ def predict_files(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path
     write_png(out / "overlay.png", overlay(he, result["labels"]))
     heat = colormaps["jet"](result["saliency"])[..., :3] * 255
     write_png(out / "heatmap.png", (0.55 * he + 0.45 * heat).round().astype(np.uint8))
-    best = max(result["boxes"], key=lambda b: b["saliency"], default=None)
+    best = most_salient(result["boxes"], he.shape[:2])
     region = {"box_10x": best and best["box_10x"], "box_40x": best and best["box_40x"],
               "order": "y0, x0, y1, x1 (end-exclusive)", "tiles": result["boxes"],
               "classes": list(classes)}

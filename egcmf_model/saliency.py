@@ -1,40 +1,60 @@
 """Grad-CAM saliency computed inline, and the key-region window search.
 
-No module hooks, no ``zero_grad()`` and no ``backward()``: the CAM is the gradient of the summed
-tumour logits with respect to a *detached* copy of the last decoder features, with the head
-applied functionally on detached weights. The training graph, the parameters' ``.grad`` and
-Opacus's per-sample hooks are never touched (SPEC, "Pitfalls").
+The CAM reads a semantic level of the target decoder (stride 4 by default: ``model.cam_stride``)
+and scores the summed tumour-class *probability* at the output: the gradient then varies from
+pixel to pixel, unlike a CAM of raw logits behind a 1x1 head, which is the logit map itself, and
+logits are only defined up to a per-pixel shift under softmax.
+
+No module hooks, no ``zero_grad()`` and no ``backward()``: the gradient is taken with
+``torch.autograd.grad`` with respect to a *detached* copy of the features, through the rest of
+the decoder and the head applied functionally on detached weights (``frozen`` methods). The
+training graph, the parameters' ``.grad``, BatchNorm's running statistics and Opacus's
+per-sample hooks are never touched (SPEC, "Pitfalls").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
-def grad_cam(features: torch.Tensor, head: nn.Conv2d, classes: list[int]) -> torch.Tensor:
-    """Saliency in [0, 1] for the ``classes`` logits of a 1x1 ``head``.
+def grad_cam(features: torch.Tensor, tail: Callable[[torch.Tensor], torch.Tensor],
+             classes: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """Grad-CAM of the summed probability of ``classes``, in [0, 1].
 
     Args:
-        features: ``(B, C, H, W)`` last decoder features (any graph; detached here).
-        head: the 1x1 conv that maps them to logits.
-        classes: class ids whose logits are summed into the score.
+        features: ``(B, C, h, w)`` features of a decoder level (any graph; detached here).
+        tail: maps such features to logits ``(B, K, H, W)``; it must use detached weights and
+            call no module (see ``ConvNormAct.frozen``).
+        classes: class ids whose softmax probabilities, summed over pixels, are the score.
+        size: ``(H, W)`` of the returned map (bilinear upsampling).
 
     Returns:
-        ``(B, H, W)`` saliency, each sample min-max normalised (zeros where flat).
+        ``(B, H, W)`` saliency, each sample min-max normalised; all zeros where it is flat.
     """
-    with torch.enable_grad():
-        feats = features.detach().requires_grad_(True)
-        bias = None if head.bias is None else head.bias.detach()
-        logits = F.conv2d(feats, head.weight.detach(), bias)
-        score = logits[:, classes].sum()
-        (grads,) = torch.autograd.grad(score, feats)
-    weights = grads.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1) channel importances
-    cam = F.relu((weights * feats.detach()).sum(dim=1))  # (B, H, W)
-    low = cam.amin(dim=(1, 2), keepdim=True)
-    span = cam.amax(dim=(1, 2), keepdim=True) - low
-    return torch.where(span > 0, (cam - low) / span.clamp_min(1e-12), torch.zeros_like(cam))
+    with torch.inference_mode(False), torch.enable_grad():  # also under inference_mode()
+        feats = features.detach().clone().requires_grad_(True)
+        probs = tail(feats).softmax(dim=1)
+        (grads,) = torch.autograd.grad(probs[:, list(classes)].sum(), feats)
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1) channel importances
+        cam = F.relu((weights * feats.detach()).sum(dim=1, keepdim=True))  # (B, 1, h, w)
+        cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+        low = cam.amin(dim=(1, 2), keepdim=True)
+        span = cam.amax(dim=(1, 2), keepdim=True) - low
+        return torch.where(span > 0, (cam - low) / span.clamp_min(1e-12), torch.zeros_like(cam))
+
+
+def window_size(height: int, width: int, fraction: float) -> int:
+    """Side of the key-region window: ``fraction`` of the shorter side (128 px at 512), rounded
+    to a multiple of 8 so that its 40x crop suits the detail VGG-UNet and MRFM's stride 2."""
+    return max(8, round(min(height, width) * fraction / 8) * 8)
+
+
+def search_stride(height: int, width: int, fraction: float) -> int:
+    """Step of the window search: ``fraction`` of the shorter side (H/16), even, at least 2."""
+    return max(2, round(min(height, width) * fraction / 2) * 2)
 
 
 def window_search(saliency: torch.Tensor, window: int, stride: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from .data.io import DataError
 from .data.source import DataSource, RoiRecord, open_source
 from .engine import build_model, evaluate, pick_device, seed_everything, train_epoch
 from .losses import EGCMFLoss
+from .metrics import selection_score
 
 log = logging.getLogger(__name__)
 
@@ -55,45 +56,48 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
     model = build_model(cfg.model, source.classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+                 if cfg.train.lr_schedule == "cosine" else None)
     train_loader = make_loader(source.split("train"), source.classes, cfg, True, generator)
     val_loader = make_loader(source.split("val"), source.classes, cfg, False)
     loss_fn = EGCMFLoss(cfg.loss.gamma)
     start, best = 0, float("-inf")
     if resume and (out / "last.pt").exists():
-        start, best = _restore(out / "last.pt", model, optimizer, scheduler, generator,
-                               train_loader.dataset, device)
+        start, best = _restore(out / "last.pt", model, optimizer, scheduler, generator, device)
         log.info("resuming after epoch %d (best val Dice %.4f)", start, best)
     out.mkdir(parents=True, exist_ok=True)
     for epoch in range(start + 1, cfg.train.epochs + 1):
+        train_loader.dataset.set_epoch(epoch)
         stats = train_epoch(model, train_loader, optimizer, device, loss_fn,
                             progress=f"epoch {epoch}/{cfg.train.epochs}")
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         val = evaluate(model, val_loader, source.classes, device, loss_fn)
         line = {"epoch": epoch, "train_loss": stats["loss"], **_scalars(val)}
         with (out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         log.info("epoch %d  loss %.4f  val dice %.4f  miou %.4f  acc %.4f", epoch, stats["loss"],
                  val["dice"], val["miou"], val["acc"])
-        improved = val["dice"] > best or epoch == 1
-        best = max(best, val["dice"]) if improved else best
+        score = selection_score(val["dice"])
+        improved = score > best or epoch == 1
+        best = max(best, score) if improved else best
         state = {"epoch": epoch, "best": best, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                 "data_rng": train_loader.dataset.rng.bit_generator.state, "metrics": line}
+                 "scheduler": scheduler and scheduler.state_dict(),
+                 "generator": generator.get_state(),
+                 "metrics": line}
         save_checkpoint(out / "last.pt", model, cfg, source.classes, **state)
         if improved:
             save_checkpoint(out / "best.pt", model, cfg, source.classes, **state)
     return {"best_dice": best, "out": str(out)}
 
 
-def _restore(path: Path, model, optimizer, scheduler, generator, dataset, device
-             ) -> tuple[int, float]:
+def _restore(path: Path, model, optimizer, scheduler, generator, device) -> tuple[int, float]:
     loaded, _, _, payload = load_model(path, device)
     model.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
     generator.set_state(payload["generator"])
-    dataset.rng.bit_generator.state = payload["data_rng"]
     return int(payload["epoch"]), float(payload["best"])
 
 

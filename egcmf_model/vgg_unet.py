@@ -57,10 +57,12 @@ class VGGEncoder(nn.Module):
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k.removeprefix("features."): v for k, v in state.items()
                  if k.startswith("features.")}
-        first = self.features[0].weight
-        if "0.weight" in state and state["0.weight"].shape[1] != first.shape[1]:
-            mean = state["0.weight"].mean(dim=1, keepdim=True)
-            state["0.weight"] = mean.repeat(1, first.shape[1], 1, 1)
+        channels = self.features[0].weight.shape[1]
+        if "0.weight" in state and state["0.weight"].shape[1] != channels:
+            # Spread the RGB filters' sum over our channels: a grey input of any channel count
+            # then gives the response the RGB filters give to grey.
+            total = state["0.weight"].sum(dim=1, keepdim=True)
+            state["0.weight"] = (total / channels).repeat(1, channels, 1, 1)
         missing, unexpected = self.features.load_state_dict(state, strict=False)
         if unexpected or missing:
             log.warning("VGG weights %s: %d missing, %d unexpected keys", path, len(missing),
@@ -78,6 +80,11 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``(B, cin, h, w)``, ``(B, cskip, 2h, 2w)`` -> ``(B, cout, 2h, 2w)``."""
         return self.conv2(self.conv1(torch.cat([upsample_to(x, skip), skip], dim=1)))
+
+    def frozen(self, x: torch.Tensor, skip: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        """:meth:`forward` on detached weights, without calling a module (see ConvNormAct)."""
+        x = torch.cat([upsample_to(x, skip), skip], dim=1)
+        return self.conv2.frozen(self.conv1.frozen(x, batch_stats), batch_stats)
 
 
 class UNetDecoder(nn.Module):
@@ -105,6 +112,13 @@ class UNetDecoder(nn.Module):
             x = self.blocks[level](x, stages[LEVELS - 1 - level])
             outputs.append(x)
         return outputs
+
+    def frozen_resume(self, x: torch.Tensor, stages: list[torch.Tensor], start: int,
+                      batch_stats: bool) -> torch.Tensor:
+        """Levels ``start``.. to the finest, on detached weights (see ConvNormAct.frozen)."""
+        for level in range(start, LEVELS):
+            x = self.blocks[level].frozen(x, stages[LEVELS - 1 - level], batch_stats)
+        return x
 
 
 class VGGUNet(nn.Module):

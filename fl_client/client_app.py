@@ -33,7 +33,7 @@ from .fedbn import restore_local_norms, save_local_norms
 from .privacy import PrivacyLedger
 from .site import IncompatibleFederation, SiteData, resolve_site
 from .state import default_state_dir
-from .train import local_evaluate, local_train, round_seed
+from .train import local_evaluate, local_train, round_progress, round_seed
 
 log = logging.getLogger(__name__)
 __all__ = ["PRIVACY_BUDGET_SPENT", "app", "make_client_app"]
@@ -71,11 +71,13 @@ def _answer(msg: Message, context: Context, stage: str, work: Callable[[], Messa
 def _train(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
     cfg, site, model, device = _setup(msg, context, fixed)
     options = msg.content["config"]
-    seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
+    rnd = int(options["server-round"])
+    seed = round_seed(cfg.train.seed, rnd, site.name)
     mu = float(options.get("proximal-mu", 0.0))
     state = _state_dir(context, fixed) / site.name
     metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
                           PrivacyLedger(state / "privacy.json"), site.name,
+                          round_progress(rnd, int(options.get("num-rounds", 0))),
                           dp_seeded=bool(fixed.get("simulation")))
     if cfg.train.keep_norm_local:
         save_local_norms(model, _norms_file(state, options))

@@ -5,6 +5,7 @@ Plain functions over the model package; the ClientApp only translates Messages t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import zlib
@@ -15,7 +16,7 @@ import torch
 
 from egcmf_model.config import Config
 from egcmf_model.data.source import RoiRecord
-from egcmf_model.engine import evaluate, seed_everything, train_epoch
+from egcmf_model.engine import evaluate, lr_schedule, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
@@ -31,20 +32,35 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
                .generate_state(1)[0])
 
 
+def round_progress(server_round: int, rounds: int) -> tuple[float, float] | None:
+    """Round r of R spans ``((r-1)/R, r/R)`` of the run's learning-rate schedule; None when the
+    server did not say how many rounds there are (the rate then stays constant)."""
+    if rounds <= 0:
+        return None
+    return (server_round - 1) / rounds, min(server_round, rounds) / rounds
+
+
 def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
                 cfg: Config, device: torch.device, seed: int, proximal_mu: float = 0.0,
                 ledger: PrivacyLedger | None = None, site: str = "",
+                progress: tuple[float, float] | None = None, steps: int | None = None,
                 dp_seeded: bool = False) -> dict[str, float]:
-    """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``.
+    """``cfg.train.epochs`` local epochs of Adam on ``records`` (or exactly ``steps`` optimiser
+    steps); mean loss of the last epoch, ``num-examples`` and ``steps``.
 
-    ``seed`` drives shuffling and augmentation. Under DP-SGD (``cfg.dp.enabled``) the loss is
-    per sample, and Poisson sampling and noise draw from the OS's entropy unless ``dp_seeded``
-    (simulations only: then they follow ``seed``). With ``cfg.train.skip`` (benchmarks of the
-    federation's own cost) nothing is trained.
+    ``seed`` drives shuffling and augmentation. ``progress``: the fraction of the whole run
+    done before and after this call, which places it on ``cfg.train.lr_schedule`` (a
+    federation's round r of R is ``((r-1)/R, r/R)``); None keeps the learning rate constant.
+    Under DP-SGD (``cfg.dp.enabled``) the loss is per sample, and Poisson sampling and noise
+    draw from the OS's entropy unless ``dp_seeded`` (simulations only: then they follow
+    ``seed``). With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is
+    trained.
     """
     if cfg.train.skip:
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
-                "epsilon": NO_DP, "site-weight": 1}
+                "epsilon": NO_DP, "site-weight": 1, "steps": 0}
+    if steps is not None and cfg.dp.enabled:
+        raise ValueError("DP-SGD accounts whole epochs; train it by epochs, not steps")
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     noise = None
     if cfg.dp.enabled:
@@ -65,8 +81,17 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         trained, optimizer, loader, engine = make_private(model, optimizer, loader, cfg.dp,
                                                           ledger, cfg.train.epochs, site, noise)
         on_empty = noise_only_step(optimizer)
-    for _ in range(cfg.train.epochs):
-        stats = train_epoch(trained, loader, optimizer, device, loss_fn, on_empty=on_empty)
+    total = steps if steps is not None else cfg.train.epochs * len(loader)
+    scheduler = lr_schedule(optimizer, cfg.train.lr_schedule, progress, total)
+    done = epoch = 0
+    while done < steps if steps is not None else epoch < cfg.train.epochs:
+        loader.dataset.set_epoch(epoch)
+        batches = loader if steps is None else itertools.islice(loader, steps - done)
+        stats = train_epoch(trained, batches, optimizer, device, loss_fn,
+                            on_empty=on_empty, scheduler=scheduler)
+        done, epoch = done + stats["steps"], epoch + 1
+        if not stats["steps"]:
+            break
     epsilon = NO_DP
     if engine is not None:
         ledger.save(engine.accountant.history)
@@ -75,7 +100,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         trained.remove_hooks()
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
             "train_s": time.perf_counter() - start, "epsilon": epsilon,
-            "site-weight": 1}  # for aggregations that count sites, not tiles
+            "site-weight": 1,  # for aggregations that count sites, not tiles
+            "steps": done}
 
 
 def training_loss(cfg: Config) -> EGCMFLoss:

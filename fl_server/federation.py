@@ -72,7 +72,8 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     arrays = ArrayRecord(model.state_dict())
     config_yaml = to_yaml(cfg)
     config = ConfigRecord({"egcmf-config": config_yaml,
-                           "federation-id": federation_id(settings.run_dir, config_yaml)})
+                           "federation-id": federation_id(settings.run_dir, config_yaml),
+                           "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
     if start == 0:  # the initial model on every site: the baseline that training must beat
         initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
                                             recorder), classes)

@@ -19,6 +19,7 @@ import torch
 
 from egcmf_model.checkpoint import read_checkpoint, save_checkpoint
 from egcmf_model.config import Config
+from egcmf_model.metrics import selection_score
 
 ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
 
@@ -60,10 +61,10 @@ class RunRecorder:
     def record_round(self, number: int, model: torch.nn.Module, line: dict[str, Any],
                      strategy_state: dict[str, Any] | None = None) -> None:
         """Checkpoint the global model, keep the best by ``dice``, then append the metrics line."""
-        dice = line.get("dice")
-        improved = dice is not None and (self.best is None or dice > self.best["dice"])
+        score = selection_score(line.get("dice"))
+        improved = self.best is None or score > selection_score(self.best["dice"])
         if improved:
-            self.best = {"round": number, "dice": dice}
+            self.best = {"round": number, "dice": clean(line.get("dice"))}
         state = {"round": number, "metrics": clean(line), "best": self.best,
                  "initial": clean(self.initial), "strategy_state": strategy_state or {}}
         save_checkpoint(self.dir / f"round_{number:03d}.pt", model, self.cfg, self.classes, **state)
@@ -81,7 +82,7 @@ class RunRecorder:
     def write_summary(self, **extra: Any) -> dict[str, Any]:
         lines = self.metrics()
         if self.best is None and lines:  # runs that did not checkpoint every round
-            top = max(lines, key=lambda x: x["dice"] if x["dice"] is not None else -1.0)
+            top = max(lines, key=lambda x: selection_score(x["dice"]))
             self.best = {"round": top["round"], "dice": top["dice"]}
         epsilon = {site: v["epsilon"] for line in lines for site, v in line["sites"].items()
                    if "epsilon" in v}  # the latest value of each site wins

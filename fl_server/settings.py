@@ -25,7 +25,7 @@ def _setting(default: Any, text: str = "", flag: str = "") -> Any:
 @dataclass(frozen=True)
 class FederationSettings:
     run_dir: str = ""  # run folder on the server: checkpoints, metrics, summary
-    num_rounds: int = _setting(20, "federated rounds", "--rounds")
+    num_rounds: int = _setting(14, "federated rounds", "--rounds")
     min_sites: int = _setting(2, "sites that must be connected before a round starts, and the "
                                  "fewest valid updates a round aggregates")
     strategy: str = _setting("fedavg", "aggregation strategy")

@@ -1,9 +1,15 @@
 """FLamby-style baselines, with the very functions a hospital's ClientApp calls.
 
 ``centralized``: one model on the pooled training ROIs of every site. ``local``: one model per
-site on its own ROIs. Both train ``rounds x local epochs`` epochs, are evaluated on every
-site's validation split after each "round" of epochs, and write the same run files as a
-federation (``metrics.jsonl``, ``summary.json``, ``final.pt``).
+site on its own ROIs, for exactly the local epochs (and optimiser steps) it takes in the
+federation. Both run the federation's learning-rate schedule, are evaluated on every site's
+validation split after each "round", and write the same run files as a federation
+(``metrics.jsonl``, ``summary.json``, ``final.pt``).
+
+What the centralized model's budget equals, per round (``--budget``): ``epochs`` (FLamby) the
+local epochs over the pooled data; ``steps`` as many optimiser steps as one site takes (the
+mean site): the global model's trajectory is that long in a federation; ``examples`` as many
+training examples as all sites see together.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from egcmf_model.config import Config, to_yaml
 from egcmf_model.data.source import DataSource, RoiRecord
 from egcmf_model.engine import build_model, pick_device, seed_everything
 from egcmf_model.metrics import SegmentationMetrics
-from fl_client.train import local_evaluate, local_train, round_seed
+from egcmf_model.trainer import make_loader
+from fl_client.train import local_evaluate, local_train, round_progress, round_seed
 from fl_server.recorder import RunRecorder
 
 from .experiment import SimSettings, virtual_sites, write_partitions
@@ -54,20 +61,45 @@ def _start(cfg: Config, source: DataSource, s: SimSettings) -> tuple[Sites, RunR
                                                                       s.client_gpus else "auto")
 
 
+def site_steps(sites: Sites, classes: tuple[str, ...], cfg: Config) -> dict[str, int]:
+    """Optimiser steps each site takes in a round: local epochs x batches per epoch."""
+    return {name: cfg.train.epochs * len(make_loader(split["train"], classes, cfg, train=True))
+            for name, split in sites.items()}
+
+
+def budget(kind: str, sites: Sites, classes: tuple[str, ...], cfg: Config) -> dict[str, Any]:
+    """What the centralized model holds equal to the federation, and its optimiser steps per
+    round, for summary.json and comparison.md."""
+    per_site = site_steps(sites, classes, cfg)
+    pooled = [r for split in sites.values() for r in split["train"]]
+    steps = {"epochs": cfg.train.epochs * len(make_loader(pooled, classes, cfg, train=True)),
+             "steps": round(float(np.mean(list(per_site.values())))),
+             "examples": sum(per_site.values())}[kind]
+    batch = cfg.train.batch_size
+    return {"held_equal": kind, "steps_per_round": steps, "examples_per_round": steps * batch,
+            "site_steps_per_round": per_site,
+            "site_examples_per_round": sum(per_site.values()) * batch}
+
+
 def run_centralized(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
     sites, recorder, device = _start(cfg, source, s)
     pooled = [r for split in sites.values() for r in split["train"]]
+    plan = budget(s.budget, sites, source.classes, cfg)
+    log.info("centralized: %s held equal, %d optimiser steps per round (each site: %s)",
+             s.budget, plan["steps_per_round"], plan["site_steps_per_round"])
+    steps = None if s.budget == "epochs" else plan["steps_per_round"]
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model, source.classes).to(device)
     for rnd in range(1, s.rounds + 1):
         train = local_train(model, pooled, source.classes, cfg, device,
-                            round_seed(cfg.train.seed, rnd, "pooled"))
+                            round_seed(cfg.train.seed, rnd, "pooled"),
+                            progress=round_progress(rnd, s.rounds), steps=steps)
         line = _evaluate_on_sites(model, sites, source.classes, cfg, device)
-        line["train_loss"] = train["train_loss"]
+        line.update(train_loss=train["train_loss"], train_steps=train["steps"])
         recorder.record_round(rnd, model, line)
         log.info("centralized round %d/%d  dice %.4f", rnd, s.rounds, line["dice"])
     save_checkpoint(s.out / "final.pt", model, cfg, source.classes)
-    return recorder.write_summary(mode="centralized")
+    return recorder.write_summary(mode="centralized", budget=plan)
 
 
 def run_local(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
@@ -79,7 +111,8 @@ def run_local(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]
         own: Sites = {}
         for name, model in models.items():
             local_train(model, sites[name]["train"], source.classes, cfg, device,
-                        round_seed(cfg.train.seed, rnd, name))
+                        round_seed(cfg.train.seed, rnd, name),
+                        progress=round_progress(rnd, s.rounds))
             own[name] = _evaluate_on_sites(model, {name: sites[name]}, source.classes, cfg,
                                            device)["sites"][name]
         line = {"dice": float(np.mean([v["dice"] for v in own.values()])),

@@ -39,7 +39,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                            partition=cfg.data.partition, alpha=cfg.data.alpha,
                            strategy=args.strategy, seed=cfg.train.seed,
                            client_gpus=args.client_gpus, min_sites=args.min_sites,
-                           fault=args.fault or "",
+                           fault=args.fault or "", budget=args.budget,
                            strategy_options=tuple(
                                settings_from_args(args, AGGREGATION_FLAGS).items()))
     return cfg, source, settings

@@ -38,6 +38,7 @@ class SimSettings:
     min_sites: int = DEFAULTS.min_sites  # fewest valid updates a round aggregates
     fault: str = ""  # KIND:COUNT, fault injection
     strategy_options: tuple[tuple[str, float], ...] = ()  # proximal-mu, trim-fraction, krum-f
+    budget: str = "epochs"  # what the centralized baseline holds equal: epochs, steps, examples
 
 
 def virtual_sites(source: DataSource, s: SimSettings) -> dict[str, dict[str, list[RoiRecord]]]:

@@ -63,6 +63,26 @@ def plot_curves(lines: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+HELD_EQUAL = {"epochs": "the same local epochs over the pooled data as each site runs on its own "
+                        "(FLamby)",
+              "steps": "as many optimiser steps as one (the mean) site takes: the length of the "
+                       "global model's trajectory",
+              "examples": "as many training examples as all sites see together"}
+
+
+def budget_notes(budget: dict[str, Any] | None) -> list[str]:
+    """What the centralized model's budget held equal to the federation, in words."""
+    if not budget:
+        return []
+    sites = budget["site_steps_per_round"]
+    return ["", f"Budget (`--budget {budget['held_equal']}`): per round, the centralized model "
+            f"took {budget['steps_per_round']} optimiser steps ({budget['examples_per_round']} "
+            f"examples), {HELD_EQUAL[budget['held_equal']]}. Each federated site took "
+            f"{', '.join(f'{n} {v}' for n, v in sites.items())} steps per round, "
+            f"{budget['site_examples_per_round']} examples in all; each local model takes its "
+            "site's own steps. Every mode follows the same learning-rate schedule over the run."]
+
+
 def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> None:
     """comparison.md (final and best Dice per mode) and comparison.png (Dice per round)."""
     rows = ["| mode | final Dice | final mIoU | best Dice (round) |", "|---|---|---|---|"]
@@ -75,7 +95,8 @@ def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> None:
         ax.plot([x["round"] for x in lines], [x["dice"] for x in lines], marker="o", label=mode)
     notes = ["", "federated and centralized: one model, Dice of the pooled confusion matrix over "
              "every site's validation split. local: each site's own model on its own split, "
-             "mean over sites; `local/summary.json` has the cross-site matrix."]
+             "mean over sites; `local/summary.json` has the cross-site matrix.",
+             *budget_notes(results.get("centralized", {}).get("budget"))]
     local = results.get("local", {}).get("cross_site_dice")
     if local:
         names = list(local)

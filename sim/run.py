@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client")
     p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated")
     p.add_argument("--compare", action="store_true", help="run all three modes, compare them")
+    p.add_argument("--budget", choices=("epochs", "steps", "examples"), default="epochs",
+                   help="what the centralized model holds equal to the federation: the local "
+                        "epochs over the pooled data (default), one site's optimiser steps, or "
+                        "the examples all sites see")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower and Ray logs")
     return p
 

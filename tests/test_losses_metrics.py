@@ -37,22 +37,41 @@ def test_binary_dice_by_hand() -> None:
     assert binary_dice_loss(logits, target, valid).item() == pytest.approx(1 - 3 / 3, abs=1e-6)
 
 
-def test_total_loss_follows_eq_7_to_9() -> None:
-    torch.manual_seed(0)
-    out = {"logits": torch.randn(2, 3, 8, 8), "logits_high": torch.randn(2, 3, 8, 8),
-           "logits_aim": torch.randn(2, 3, 8, 8), "boxes": torch.tensor([[0, 0, 2, 2]] * 2),
-           "sem": torch.randn(2, 3, 8, 8), "edge": torch.randn(2, 1, 8, 8)}
-    batch = {"mask": torch.randint(0, 3, (2, 8, 8)), "mask_40x": torch.randint(0, 3, (2, 32, 32)),
-             "edge_target": torch.randint(0, 2, (2, 8, 8)).float()}
+def test_total_loss_follows_eq_7_to_9_by_hand() -> None:
+    """Every term worked out on paper for outputs whose softmax is known exactly (one sample, so
+    the values are the same whether terms average per batch or per sample)."""
+    zeros = torch.zeros(1, 3, 2, 2)  # softmax 1/3 everywhere: CE = ln 3
+    mask = torch.tensor([[[0, 1], [2, 255]]])  # 3 labelled pixels, one of each class
+    mask_40x = torch.full((1, 8, 8), 2)
+    mask_40x[0, :4, :4] = 0
+    mask_40x[0, :2, :2] = 1  # the 4x4 crop at 40x of the 10x box (0, 0, 1, 1): 4 in situ px
+    high = torch.zeros(1, 3, 4, 4)
+    high[:, 0] = 20.0  # confident background: CE ~ 20 on the 4 in-situ pixels, ~ 0 elsewhere
+    out = {"logits": zeros, "logits_aim": zeros.clone(), "sem": zeros.clone(),
+           "logits_high": high, "boxes": torch.tensor([[0, 0, 1, 1]]),
+           "edge": torch.zeros(1, 1, 2, 2)}  # sigmoid 1/2 everywhere
+    batch = {"mask": mask, "mask_40x": mask_40x,
+             "edge_target": torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])}  # last pixel ignored
     total, parts = EGCMFLoss(gamma=0.25)(out, batch)
-    p, m = out["logits"], batch["mask"]
-    high = cross_entropy(out["logits_high"], batch["mask_40x"][:, :8, :8])
-    seg = 0.5 * dice_loss(p, m) + 0.5 * cross_entropy(p, m) + 0.5 * high
-    seg = seg + 0.5 * cross_entropy(out["logits_aim"], m)
-    edge = 0.5 * cross_entropy(out["sem"], m) + 0.5 * binary_dice_loss(
-        out["edge"], batch["edge_target"], torch.ones(2, 8, 8))
-    assert total.item() == pytest.approx((seg + 0.25 * edge).item(), rel=1e-6)
+    ln3 = math.log(3)
+    dice = 1 - (2 / 3 + 1) / (1 + 1 + 1)  # each class: intersection 1/3, sums 1 and 1, eps 1
+    ce_high = 4 * (20 + math.log1p(2 * math.exp(-20))) / 16
+    edge_dice = 1 - (2 * 0.5 + 1) / (1.5 + 1 + 1)  # 3 valid pixels at 1/2, one positive
+    seg = 0.5 * dice + 0.5 * ln3 + 0.5 * ce_high + 0.5 * ln3
+    edge = 0.5 * ln3 + 0.5 * edge_dice
+    assert parts["seg"] == pytest.approx(0.5 * dice + 0.5 * ln3, rel=1e-6)
+    assert parts["high"] == pytest.approx(ce_high, rel=1e-6)
+    assert parts["aim"] == pytest.approx(ln3, rel=1e-6)
+    assert parts["edge"] == pytest.approx(edge, rel=1e-6)
+    assert total.item() == pytest.approx(seg + 0.25 * edge, rel=1e-6)
     assert parts["loss"] == pytest.approx(total.item())
+
+
+def test_variants_without_a_branch_leave_its_terms_out() -> None:
+    out = {"logits": torch.zeros(1, 3, 2, 2)}
+    total, parts = EGCMFLoss(gamma=0.5)(out, {"mask": torch.tensor([[[0, 1], [2, 255]]])})
+    assert set(parts) == {"seg", "loss"}
+    assert total.item() == pytest.approx(0.5 * (1 - 5 / 9) + 0.5 * math.log(3), rel=1e-6)
 
 
 def test_metrics_by_hand_accumulated_over_batches() -> None:

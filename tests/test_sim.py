@@ -84,6 +84,26 @@ def test_baseline_modes(tmp_path: Path, synth_root: Path, mode: str) -> None:
                                                                           "client_01"}
 
 
+@pytest.mark.parametrize("budget", ["epochs", "steps", "examples"])
+def test_centralized_budget_states_and_holds_what_it_equals(tmp_path: Path, synth_root: Path,
+                                                            budget: str) -> None:
+    from sim.report import budget_notes
+
+    out = _run(tmp_path, synth_root, budget, "--mode", "centralized", "--budget", budget,
+               "--local-epochs", "2")
+    plan = json.loads((out / "summary.json").read_text())["budget"]
+    sites = plan["site_steps_per_round"]
+    parts = json.loads((out / "partitions.json").read_text())["partitions"]
+    assert sites == {p["site"]: 2 * max(1, len(p["train"]) // 2) for p in parts}  # batch 2
+    pooled = sum(len(p["train"]) for p in parts)
+    assert plan["steps_per_round"] == {"epochs": 2 * (pooled // 2),
+                                       "steps": round(sum(sites.values()) / len(sites)),
+                                       "examples": sum(sites.values())}[budget]
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["train_steps"] == plan["steps_per_round"]  # what was held is what was run
+    assert f"--budget {budget}" in budget_notes(plan)[1]
+
+
 def test_partition_flags_reach_the_clients(tmp_path: Path, synth_root: Path) -> None:
     def institutions(out: Path) -> list[set[str]]:
         parts = json.loads((out / "partitions.json").read_text())["partitions"]

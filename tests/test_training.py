@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -75,6 +74,10 @@ def test_broken_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"bad\.pt"):
         load_model(tmp_path / "bad.pt")
+
+
+def doc_tiles(out: Path) -> list[dict]:
+    return json.loads((out / "region.json").read_text())["tiles"]
 
 
 def _last_json(capsys) -> dict:
@@ -161,6 +164,7 @@ def test_predict_writes_everything_at_the_input_size(synth_root: Path, tmp_path:
     with Image.open(out / "mask.png") as mask:
         assert mask.size == (263, 301)
         assert mask.mode == "L"
+    assert all(isinstance(t["fallback"], bool) for t in doc_tiles(out))
     for name in ("overlay.png", "heatmap.png"):
         with Image.open(out / name) as image:
             assert image.size == (263, 301)
@@ -184,13 +188,78 @@ def test_predict_rejects_mismatched_pair(synth_root: Path, tmp_path: Path, capsy
     assert "same size" in capsys.readouterr().err
 
 
+def _vgg_unet_parameters(cin: int, classes: int, width: float, decoder_width: float) -> int:
+    """Counted from the VGG16 ("D") layout: 13 convs with bias + BatchNorm, a UNet decoder of
+    4 blocks of two bias-free 3x3 convs + BatchNorm, a 1x1 head."""
+    scale = lambda c: max(8, round(c * width))  # noqa: E731
+    count, c = 0, cin
+    for out in (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512):
+        count += 9 * c * scale(out) + scale(out) + 2 * scale(out)
+        c = scale(out)
+    skips = [scale(x) for x in (512, 256, 128, 64)]
+    for skip in skips:
+        out = max(8, round(skip * decoder_width))
+        count += 9 * (c + skip) * out + 2 * out + 9 * out * out + 2 * out
+        c = out
+    return count + c * classes + classes
+
+
+def _mrfm_parameters(width: float, decoder_width: float, reduction: int) -> int:
+    """SE on the detail's stride-8 level, 1x1 to the target's stride-2 level, 3x3 smoothing."""
+    detail = max(8, round(max(8, round(512 * width)) * decoder_width))
+    target = max(8, round(max(8, round(128 * width)) * decoder_width))
+    hidden = max(4, detail // reduction)
+    se = 2 * detail * hidden + hidden + detail
+    return se + detail * target + target + 9 * target * target + 2 * target
+
+
+def test_paper_preset_has_table_vi_size() -> None:
+    """Table VI: 78.5 M parameters; within 10 %, as SPEC asks."""
+    model = build_model(load_config("paper").model, ("background", "in_situ", "invasive"))
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - 78.5e6) < 0.1 * 78.5e6
+    unet = _vgg_unet_parameters(3, 3, 1.0, 0.5)
+    assert sum(p.numel() for p in model.he_branch.target.parameters()) == unet
+
+
 def test_profile_json_contract(capsys) -> None:
     assert main(["profile", "--preset", "tiny", "--variant", "mrfm", "--runs", "1", "--json"]) == 0
     doc = _last_json(capsys)
     assert {"params", "gflops", "input", "infer_s", "device"} <= set(doc)
-    model = build_model(dataclasses.replace(load_config("tiny").model, variant="mrfm"),
-                        ("a", "b", "c"))
-    assert doc["params"] == sum(p.numel() for p in model.parameters())
+    tiny = load_config("tiny").model
+    target = _vgg_unet_parameters(3, 3, tiny.width, tiny.decoder_width)
+    assert doc["params"] == 2 * target + _mrfm_parameters(tiny.width, tiny.decoder_width,
+                                                          tiny.se_reduction)
     assert doc["input"] == [3, 64, 64]
     assert doc["gflops"] > 0
     assert doc["device"] == "cpu"
+
+
+def test_predict_picks_a_salient_region_and_falls_back_to_the_centre() -> None:
+    from egcmf_model.predict import most_salient
+
+    def box(y: int, x: int, saliency: float, fallback: bool) -> dict:
+        return {"box_40x": [y, x, y + 64, x + 64], "saliency": saliency, "fallback": fallback}
+
+    tiles = [box(0, 0, 0.0, True), box(0, 256, 0.4, False), box(256, 256, 0.9, False)]
+    assert most_salient(tiles, (512, 512)) is tiles[2]
+    flat = [box(0, 0, 0.0, True), box(224, 224, 0.0, True), box(448, 448, 0.0, True)]
+    assert most_salient(flat, (512, 512)) is flat[1]  # nearest the centre, not the top-left
+    assert most_salient([], (512, 512)) is None
+
+
+def test_an_undefined_validation_dice_can_be_the_best(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN Dice = no tumour in the validation truth and none predicted: a perfect epoch."""
+    from egcmf_model import trainer
+
+    real, dices = trainer.evaluate, iter([0.3, float("nan"), 0.2])
+
+    def evaluate(*a, **k):
+        return {**real(*a, **k), "dice": next(dices)}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    assert main(["train", "--data", str(synth_root / "site_01"), "--epochs", "3",
+                 "--out", str(tmp_path), "--set", "model.variant=unet"]) == 0
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 2

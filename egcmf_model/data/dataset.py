@@ -35,6 +35,9 @@ class RoiDataset(Dataset):
     ``mask_40x`` (4H, 4W) int64 and ``roi`` (the ROI id, for logs only).
     H&E-only data (``ck56`` absent) gets zero CK5/6 tensors. ROIs that cannot be read are skipped
     with a warning naming the file; the run goes on.
+
+    Augmentation draws from a generator seeded by (``seed``, epoch, tile index): the same in any
+    DataLoader worker and in any order of access; call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(
@@ -52,7 +55,7 @@ class RoiDataset(Dataset):
         self.classes, self.in_size, self.tile = classes, in_size, in_size * SCALE
         self.edge_kind, self.edge_band = edge_kind, edge_band
         self.augment, self.stain_jitter = augment, stain_jitter
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.epoch = seed, 0
         sized = [(r, size) for r in records if (size := self._size(r)) is not None]
         self.records = [r for r, _ in sized]
         self.tiles = [
@@ -80,19 +83,24 @@ class RoiDataset(Dataset):
     def __len__(self) -> int:
         return len(self.tiles)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw another augmentation of every tile (the shuffling is the loader's)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         for offset in range(len(self.tiles)):  # a bad ROI hands over to the next good tile
             i = (index + offset) % len(self.tiles)
             if self.tiles[i][0] in self.bad:
                 continue
             try:
-                return self._load(*self.tiles[i])
+                return self._load(i)
             except DataError as exc:
                 log.warning("skipping ROI %s: %s", self.records[self.tiles[i][0]].roi_id, exc)
                 self.bad.add(self.tiles[i][0])
         raise DataError("no readable ROI left in this data set")
 
-    def _load(self, i: int, y: int, x: int) -> dict[str, torch.Tensor | str]:
+    def _load(self, tile: int) -> dict[str, torch.Tensor | str]:
+        i, y, x = self.tiles[tile]
         record, t = self.records[i], self.tile
         arrays = {"he": read_rgb(record.he), "mask": record.labels()}
         if record.ck56 is not None:
@@ -100,7 +108,8 @@ class RoiDataset(Dataset):
         # White for RGB, and 255 = IGNORE_INDEX for the mask: one pad value serves both.
         arrays = {k: pad_to(a[y : y + t, x : x + t], t, IGNORE_INDEX) for k, a in arrays.items()}
         if self.augment:
-            arrays = augment(arrays, self.rng, self.stain_jitter)
+            rng = np.random.default_rng([self.seed, self.epoch, tile])
+            arrays = augment(arrays, rng, self.stain_jitter)
         return self.sample(arrays, record.roi_id)
 
     def sample(self, arrays: dict[str, np.ndarray], roi_id: str) -> dict[str, torch.Tensor | str]:

@@ -19,7 +19,7 @@ from ..config import DataConfig
 from . import bcss
 from .io import DataError, read_mask
 from .sites import find_sites, load_site_meta
-from .synthetic import write_synthetic
+from .synthetic import generator_version, write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,10 @@ def cache_dir() -> Path:
 
 
 def synthetic_cache(cfg: DataConfig, roi_side: int) -> Path:
-    """The seeded synthetic set for ``cfg``, generated once and reused."""
-    key = f"synthetic_{cfg.synth_sites}x{cfg.synth_rois_per_site}_{roi_side}px_seed{cfg.synth_seed}"
+    """The seeded synthetic set for ``cfg``, generated once and reused; the folder's name holds
+    the generator's version, so data drawn by other code is never read back."""
+    key = (f"synthetic_v{generator_version()}_{cfg.synth_sites}x{cfg.synth_rois_per_site}_"
+           f"{roi_side}px_seed{cfg.synth_seed}")
     target = cache_dir() / key
     if (target / "done").exists():
         return target

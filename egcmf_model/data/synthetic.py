@@ -1,22 +1,26 @@
-"""Synthetic paired H&E / CK5/6 breast tissue, written as ordinary site folders.
+"""Synthetic paired H&E / CK5/6 breast tissue at a physical scale, written as site folders.
 
-What each ROI carries, and why (SPEC "Data"):
+Every size is in µm and drawn at the declared 0.25 µm/px (40x), whatever the ROI side: a larger
+ROI shows more tissue, never larger cells. What each ROI carries, and why (SPEC "Data"):
 
-- stroma: eosin-pink with sparse elongated nuclei and fibre texture, a few white fat spaces;
-- in-situ lesions (class 1): packed tumour nuclei inside a rim of myoepithelial cells; the rim is
-  strongly DAB-positive in CK5/6 but in H&E only a faint, stroma-like line of flat nuclei;
-- invasive nests (class 2): the same tumour cells, of overlapping sizes, with no rim;
-- 40x-only detail: invasive nuclei are vesicular (dark ring, pale centre), in-situ nuclei solid,
-  with the same haematoxylin mass, so the difference vanishes when the 40x image is averaged to 10x;
-- per-site stain vectors and intensities, and per-site in-situ/invasive mix (non-IID);
-- CK5/6 translated by a small random shift (< 1 % of the side) to mimic serial-section registration.
+- stroma: eosin-pink fibres with sparse spindle fibroblast nuclei and a few lymphocytes; fat cells;
+- benign acini and ductules (background): a lumen lined by small regular nuclei, inside a rim of
+  myoepithelial cells that is DAB-positive in CK5/6, exactly as strong as around in-situ lesions;
+- in-situ lesions (class 1): the same rim around a duct filled with crowded large atypical nuclei;
+- invasive nests (class 2): the same atypical cells, of overlapping sizes, irregular, no rim;
+- 40x-only detail: most invasive nuclei (and a few in-situ ones) have granular chromatin and a
+  nucleolus below 1 µm in scale, with the same haematoxylin mass as smooth nuclei, so the
+  difference vanishes when the 40x image is averaged to 10x;
+- per-site stain vectors, intensities and case mix (non-IID); CK5/6 shifted by up to 1 µm.
 
-Everything is drawn from one ``numpy.random.Generator`` seeded by (seed, site, roi), so the same
-arguments give byte-identical PNGs whatever the output folder.
+So H&E tells tumour from benign, the CK5/6 rim tells in situ from invasive, and neither alone
+separates the three: in-situ lesions need H&E morphology and the rim. Everything is drawn from one
+``numpy.random.Generator`` seeded by (seed, site, roi): the same arguments give byte-identical PNGs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +30,32 @@ import yaml
 from scipy import ndimage
 
 from .io import write_png
+from .nuclei import Structure, nuclei_layer, place_structures, rasterise
 from .stain import STAINS, render
 
 log = logging.getLogger(__name__)
 
+# Bump when the generated images change; the data cache is keyed by it and by the code's digest.
+GENERATOR_VERSION = 2
 PAIRED_CLASSES = ("background", "in_situ", "invasive")
-JITTER_FRACTION = 0.008  # registration shift stays below 1 % of the ROI side
+UM_PER_PX = 0.25  # 40x
+JITTER_UM = 1.0  # largest CK5/6 registration shift
+RIM_UM = 3.0  # myoepithelial layer
+LINING_UM = 7.0  # luminal epithelium of a benign acinus
+
+
+def generator_version() -> str:
+    """``GENERATOR_VERSION`` and a digest of the generator's code: any change to how images are
+    drawn gives another version, so a data cache keyed by it is never stale."""
+    digest = hashlib.sha256()
+    for module in ("synthetic.py", "nuclei.py", "stain.py"):
+        digest.update((Path(__file__).parent / module).read_bytes())
+    return f"{GENERATOR_VERSION}.{digest.hexdigest()[:10]}"
+
+
+def px(um: float) -> float:
+    """µm -> pixels at 40x."""
+    return um / UM_PER_PX
 
 
 @dataclass(frozen=True)
@@ -42,16 +66,7 @@ class SiteStyle:
     ck_stains: np.ndarray  # (3, 3) OD vectors of H, (unused) E, DAB for the IHC scanner
     he_gain: float  # overall H&E stain intensity
     dab_gain: float  # DAB intensity of the IHC run
-    p_in_situ: float  # probability that a lesion is in situ rather than invasive
-
-
-@dataclass(frozen=True)
-class Lesion:
-    cy: float
-    cx: float
-    radius: float
-    harmonics: tuple[tuple[float, int, float], ...]  # (amplitude, frequency, phase) of the outline
-    label: int
+    mix: tuple[float, float, float]  # probabilities of benign, in-situ and invasive structures
 
 
 def site_style(rng: np.random.Generator) -> SiteStyle:
@@ -60,114 +75,70 @@ def site_style(rng: np.random.Generator) -> SiteStyle:
         s = np.clip(s, 0.01, None)
         return s / np.linalg.norm(s, axis=1, keepdims=True)
 
-    return SiteStyle(
-        he_stains=shifted(),
-        ck_stains=shifted(),
-        he_gain=float(rng.uniform(0.75, 1.25)),
-        dab_gain=float(rng.uniform(0.8, 1.2)),
-        p_in_situ=float(rng.beta(1.2, 1.2)),
-    )
-
-
-def make_lesions(rng: np.random.Generator, side: int, p_in_situ: float) -> list[Lesion]:
-    """Place 2-5 lesions with overlapping size ranges; labels follow the site's mix."""
-    lesions = []
-    for _ in range(int(rng.integers(2, 6))):
-        label = 1 if rng.random() < p_in_situ else 2
-        irregular = 0.10 if label == 1 else 0.16
-        harmonics = tuple(
-            (float(rng.uniform(0, irregular)), int(k), float(rng.uniform(0, 2 * np.pi)))
-            for k in (2, 3, 5)
-        )
-        lesions.append(Lesion(
-            cy=float(rng.uniform(0.1, 0.9) * side),
-            cx=float(rng.uniform(0.1, 0.9) * side),
-            radius=float(rng.uniform(0.07, 0.15) * side),
-            harmonics=harmonics,
-            label=label,
-        ))
-    return lesions
-
-
-def _rasterise(lesions: list[Lesion], shape: tuple[int, int], rim: float) -> tuple[np.ndarray, ...]:
-    """Label map (rim included in in-situ lesions) and the rim mask, on a ``shape`` canvas."""
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
-    labels = np.zeros(shape, np.uint8)
-    rim_mask = np.zeros(shape, bool)
-    for les in lesions:
-        dy, dx = yy - les.cy, xx - les.cx
-        theta = np.arctan2(dy, dx)
-        outline = np.full(shape, les.radius, np.float32)
-        for amp, k, phase in les.harmonics:
-            outline *= 1.0 + amp * np.sin(k * theta + phase)
-        dist = np.hypot(dy, dx)
-        inside = dist < outline
-        labels[inside] = les.label
-        rim_mask &= ~inside  # a later lesion overwrites an earlier rim
-        if les.label == 1:
-            ring = inside & (dist >= outline - rim)
-            rim_mask |= ring
-    return labels, rim_mask
-
-
-def _nuclei(rng: np.random.Generator, density: np.ndarray, sigma: float, ring: bool) -> np.ndarray:
-    """Haematoxylin from Poisson nuclei: solid blobs, or vesicular rings of the same mass."""
-    impulses = (rng.random(density.shape) < density).astype(np.float32)
-    impulses *= rng.uniform(0.7, 1.3, size=density.shape).astype(np.float32)
-    def blob(s: float) -> np.ndarray:  # unit-peak Gaussian nuclei of width s
-        return ndimage.gaussian_filter(impulses, s) * 2 * np.pi * s**2
-
-    if not ring:
-        return blob(sigma)
-    # Dark rim, pale centre; divided by its mass (1.5 - 0.9 * 0.45**2) to match a solid nucleus.
-    return np.clip(1.5 * blob(sigma) - 0.9 * blob(0.45 * sigma), 0, None) / 1.3177
+    benign = float(rng.uniform(0.25, 0.4))
+    in_situ = float(rng.uniform(0.2, 0.8)) * (1 - benign)
+    return SiteStyle(he_stains=shifted(), ck_stains=shifted(),
+                     he_gain=float(rng.uniform(0.8, 1.2)), dab_gain=float(rng.uniform(0.8, 1.2)),
+                     mix=(benign, in_situ, 1 - benign - in_situ))
 
 
 def render_roi(rng: np.random.Generator, side: int, style: SiteStyle) -> dict[str, np.ndarray]:
-    """One ROI at 40x: ``he`` and ``ck56`` ``(side, side, 3)`` uint8, ``mask`` ``(side, side)``."""
-    scale = side / 256.0
-    max_shift = int(JITTER_FRACTION * side)
-    margin = max_shift + 1
-    canvas = (side + 2 * margin, side + 2 * margin)
-    lesions = make_lesions(rng, canvas[0], style.p_in_situ)
-    labels, rim = _rasterise(lesions, canvas, rim=max(2.0, 0.02 * side))
-    tumour = labels > 0
-    sigma = 1.6 * scale
-    area = np.pi * (2.2 * sigma) ** 2
-    # Nuclear densities per pixel: packed in tumour, sparse in stroma, a line along the rim.
-    solid = _nuclei(rng, np.where(labels == 1, 0.6 / area, 0.06 / area), sigma, ring=False)
-    vesicular = _nuclei(rng, np.where(labels == 2, 0.6 / area, 0.0), sigma, ring=True)
-    myo = _nuclei(rng, rim * (0.25 / area), 0.8 * sigma, ring=False)
-    hema = np.clip(solid + vesicular, 0, 2.2)
-
-    fibres = ndimage.gaussian_filter(rng.normal(0, 1, canvas), (2 * scale, 8 * scale))
-    blobs = ndimage.gaussian_filter(rng.normal(0, 1, canvas), 10 * scale)
-    fat = blobs > 1.8 * blobs.std()
-    fat &= ~ndimage.binary_dilation(tumour, iterations=max(1, int(6 * scale)))
-    tissue = (~fat).astype(np.float32)
-    eosin = tissue * np.where(tumour, 0.30, 0.55 + 0.12 * fibres / (fibres.std() + 1e-6))
-
-    he = np.stack([(hema + 0.5 * myo) * tissue, np.clip(eosin, 0, None), np.zeros(canvas)], -1)
-    he_rgb = render(style.he_gain * 1.4 * he, style.he_stains)
-    # CK5/6: a paler haematoxylin counterstain; DAB on the myoepithelial rim, faint elsewhere.
-    dab = ndimage.gaussian_filter(rim.astype(np.float32), 0.8 * scale) * 1.6 + myo * 0.5
-    dab += 0.04 * tumour
-    ck = np.stack([0.55 * (hema + 0.9 * myo) * tissue, 0.03 * tissue, style.dab_gain * dab], -1)
-    ck_rgb = render(1.4 * ck, style.ck_stains)
-
-    shift = rng.integers(-max_shift, max_shift + 1, size=2)
-    he_rgb = _crop(he_rgb, margin, margin, side)
-    ck_rgb = _crop(ck_rgb, margin + shift[0], margin + shift[1], side)
+    """One ROI at 40x: ``he``, ``ck56`` ``(side, side, 3)`` uint8, ``mask`` ``(side, side)`` and
+    ``kind`` (0 stroma, 1 in situ, 2 invasive, 3 benign; not written to disk)."""
+    max_shift = max(1, min(round(px(JITTER_UM)), int(0.02 * side)))
+    margin = max_shift + round(px(6.0))  # room for the shift and for nuclei centred outside
+    shape = (side + 2 * margin, side + 2 * margin)
+    structures = place_structures(rng, shape, style.mix, px)
+    t = rasterise(structures, shape, rim=px(RIM_UM), lining=px(LINING_UM))
+    he, ck, dab = _stains(rng, t, shape)
+    he_rgb = render(style.he_gain * he, style.he_stains)
+    ck[..., 2] = style.dab_gain * dab
+    ck_rgb = render(ck, style.ck_stains)
+    dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+    crop = lambda a, y=0, x=0: a[margin + y : margin + y + side, margin + x : margin + x + side]  # noqa: E731
     noise = lambda: rng.normal(0, 2.0, (side, side, 3))  # noqa: E731 - two identical draws
-    return {
-        "he": np.clip(he_rgb + noise(), 0, 255).round().astype(np.uint8),
-        "ck56": np.clip(ck_rgb + noise(), 0, 255).round().astype(np.uint8),
-        "mask": _crop(labels, margin, margin, side),
-    }
+    return {"he": np.clip(crop(he_rgb) + noise(), 0, 255).round().astype(np.uint8),
+            "ck56": np.clip(crop(ck_rgb, dy, dx) + noise(), 0, 255).round().astype(np.uint8),
+            "mask": crop(t["label"]), "kind": crop(t["kind"])}
 
 
-def _crop(array: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
-    return array[top : top + side, left : left + side]
+def _stains(rng: np.random.Generator, t: dict[str, np.ndarray], shape: tuple[int, int]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """H&E and CK5/6 stain concentrations ``(H, W, 3)`` and the DAB layer, from the tissue map."""
+    tumour, lining, rim = t["tumour"], t["lining"], t["rim"]
+    stroma = ~t["inside"] & ~t["fat"]
+    # Crowded atypical nuclei (radius 3.8-5.2 µm); granular chromatin mostly in invasive ones.
+    granular_share = np.where(t["label"] == 2, 0.8, 0.15)
+    atypical = nuclei_layer(rng, tumour * (1.0 / (np.pi * px(4.5) ** 2)),
+                            [px(3.8), px(4.5), px(5.2)], granular=granular_share)
+    benign = nuclei_layer(rng, lining * (0.6 / (np.pi * px(2.8) ** 2)), [px(2.6), px(3.0)])
+    myo = nuclei_layer(rng, rim * (0.6 / (np.pi * px(1.3) * px(4.0))), [(px(1.3), px(4.0))],
+                       angle=t["tangent"])
+    fibre_angle = rng.uniform(0, np.pi) + 0.5 * _smooth_field(rng, shape, px(30.0))
+    fibro = nuclei_layer(rng, stroma * (0.03 / (np.pi * px(0.9) * px(5.0))),
+                         [(px(0.9), px(5.0)), (px(1.1), px(4.0))], angle=fibre_angle)
+    lympho = nuclei_layer(rng, stroma * (0.01 / (np.pi * px(2.6) ** 2)), [px(2.6)])
+
+    fibres = ndimage.gaussian_filter(rng.normal(0, 1, shape), (px(0.6), px(3.0)))
+    fibres /= fibres.std() + 1e-6
+    membrane = t["fat"] & ~ndimage.binary_erosion(t["fat"], iterations=round(px(0.8)))
+    tissue = (~(t["fat"] & ~membrane) & ~t["lumen"]).astype(np.float32)
+    hema = np.clip(atypical + benign + myo + 0.8 * fibro + 1.3 * lympho, 0, 1.6)
+    hema = hema + 0.06 * (tumour | lining)  # slightly basophilic cytoplasm
+    eosin = np.select([tumour, lining, rim], [0.28, 0.38, 0.42], 0.55 + 0.12 * fibres)
+    he = np.stack([1.6 * hema * tissue, np.clip(eosin, 0, None) * tissue + 0.04 * t["lumen"],
+                   np.zeros(shape)], -1)
+    # CK5/6: a paler haematoxylin counterstain; DAB on the myoepithelial rim, faint in epithelium.
+    dab = 1.5 * ndimage.gaussian_filter(rim.astype(np.float32), px(0.4)) + 0.04 * (tumour | lining)
+    ck = np.stack([0.8 * hema * tissue, 0.04 * tissue, np.zeros(shape)], -1)
+    return he, ck, dab
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Unit-variance random field varying over about ``scale`` pixels (bilinear upsampling)."""
+    coarse = rng.normal(0, 1, (int(shape[0] // scale) + 4, int(shape[1] // scale) + 4))
+    fine = ndimage.zoom(coarse, scale, order=1, mode="nearest", grid_mode=False)
+    return fine[: shape[0], : shape[1]]
 
 
 def split_ids(ids: list[str]) -> dict[str, list[str]]:
@@ -191,11 +162,16 @@ def write_synthetic(out: Path, sites: int, rois_per_site: int, size: int, seed: 
         ids = [f"roi_{r:04d}" for r in range(rois_per_site)]
         for r, roi_id in enumerate(ids):
             roi = render_roi(np.random.default_rng([seed, s, r + 1]), size, style)
-            for key, array in roi.items():
-                write_png(out / name / "rois" / roi_id / f"{key}.png", array)
-        meta = {"name": name, "um_per_px": 0.25, "classes": list(PAIRED_CLASSES),
+            for key in ("he", "ck56", "mask"):
+                write_png(out / name / "rois" / roi_id / f"{key}.png", roi[key])
+        meta = {"name": name, "um_per_px": UM_PER_PX, "classes": list(PAIRED_CLASSES),
                 "modalities": ["he", "ck56"], "splits": split_ids(ids)}
         (out / name / "site.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-        log.info("wrote %s (%d ROIs, in-situ share %.2f)", name, rois_per_site, style.p_in_situ)
+        log.info("wrote %s (%d ROIs, benign/in-situ/invasive mix %.2f/%.2f/%.2f)", name,
+                 rois_per_site, *style.mix)
         paths.append(out / name)
     return paths
+
+
+__all__ = ["GENERATOR_VERSION", "PAIRED_CLASSES", "UM_PER_PX", "SiteStyle", "Structure",
+           "generator_version", "render_roi", "site_style", "split_ids", "write_synthetic"]
