@@ -141,7 +141,7 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
     folder, a resumed one as its checkpoint says (flags given again must agree)."""
     from egcmf_model.config import apply_overrides, load_config, to_yaml
 
-    from .certs import site_public_keys
+    from .certs import site_caps
     from .runfolder import (
         check_new,
         merge_settings,
@@ -156,7 +156,7 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
     dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.num_rounds}"]
     overrides = [*args.overrides, *(dp if args.dp else []),
                  *(["train.keep_norm_local=true"] if args.keep_norm_local else [])]
-    sites = 0 if args.insecure else len(site_public_keys(args.certs))
+    sites = 0 if args.insecure else len(site_caps(args.certs))  # every key with its cap
     flags = {**settings_from_args(args, ROUND_FLAGS), "sites": sites}
     if args.resume:
         ref = reference(run_dir)

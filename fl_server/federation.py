@@ -38,7 +38,14 @@ from .strategy import (
     restore_strategy_state,
     strategy_state,
 )
-from .validation import Checked, Rejection, UpdateRules, check_evaluations, check_updates
+from .validation import (
+    Checked,
+    Rejection,
+    UpdateRules,
+    check_evaluations,
+    check_updates,
+    without_negative_variances,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,10 @@ def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
     new_arrays = _aggregate(strategy, rnd, checked.kept, len(messages), settings, recorder)
     if new_arrays is None:
         new_arrays = arrays
+    new_arrays, raised = without_negative_variances(new_arrays)
+    if raised:
+        log.info("round %d: %d BatchNorm running variance(s) below 0 after aggregation raised "
+                 "to 0", rnd, raised)
     evaluation = _evaluate(grid, strategy, rnd, new_arrays, config, settings, recorder, classes)
     strategy.aggregate_evaluate(rnd, evaluation)
     return new_arrays, _round_line(checked.kept, evaluation, classes, checked)
@@ -182,6 +193,11 @@ def _aggregate(strategy: Strategy, rnd: int, updates: list[Message], sampled: in
     except (InconsistentMessageReplies, AggregationError) as exc:
         recorder.event("warning", f"round {rnd}: aggregation failed ({exc}); global model "
                        "unchanged", round=rnd)
+        return None
+    except ZeroDivisionError:  # Flower 1.42's server-side clipping of an update of norm 0
+        recorder.event("warning", f"round {rnd}: a site sent the global model back unchanged, "
+                       "which Flower's server-side DP clipping cannot divide by; round "
+                       "skipped: global model unchanged, no privacy spent", round=rnd)
         return None
     if new_arrays is None and server_dp:
         message = (f"round {rnd}: {len(updates)} valid update(s) of the {sampled} sites "

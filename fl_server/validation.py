@@ -92,9 +92,8 @@ def _listed(kinds: dict[str, str]) -> str:
 
 
 def _scalar_problem(value: object) -> str | None:
-    if isinstance(value, list):
-        return "a list where a number belongs"
-    return None if math.isfinite(value) else "not finite"
+    """A number (NaN allowed: an honest site evaluating a broken model reports one)."""
+    return "a list where a number belongs" if isinstance(value, list) else None
 
 
 def _counts_problem(value: object, length: int) -> str | None:
@@ -141,6 +140,19 @@ def group_of(key: str) -> str:
     its own norm, since the statistics move far more than the weights in a round (a norm over
     both would be the statistics' alone, and would leave the weights unbounded)."""
     return "statistics" if key.endswith(STATISTICS) else "weights"
+
+
+def without_negative_variances(arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+    """The global model with BatchNorm running variances below 0 raised to 0, and how many
+    there were. An average of valid updates has none; server-side DP noise can make some
+    (raising them is post-processing, which spends no privacy). Left negative, they would make
+    every evaluation NaN and every site's next update fail :func:`array_problem`."""
+    state = {k: v.numpy() for k, v in arrays.items()}
+    count = sum(int((v < 0).sum()) for k, v in state.items() if k.endswith(VARIANCE))
+    if not count:
+        return arrays, 0
+    return ArrayRecord({k: Array(np.maximum(v, 0).astype(v.dtype) if k.endswith(VARIANCE)
+                                 else v) for k, v in state.items()}), count
 
 
 def update_norms(arrays: Arrays, reference: Arrays) -> dict[str, float]:

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COUNT sites (chosen by the seed) misbehave every round: "
                         "nan, shape, scale (x1e6), dropout, inflate (a poisoned update at "
                         "0.9x the norm limit, claiming 1e9 examples) or reverse (the same "
-                        "update, claiming the site's true number of examples)")
+                        "update with valid BatchNorm variances, claiming the site's true "
+                        "number of examples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>); a new run "
                                             "needs an empty or new folder")

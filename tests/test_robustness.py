@@ -173,13 +173,14 @@ def test_an_evaluation_reply_is_checked_too() -> None:
                        dst_node_id=1, message_type="evaluate")
 
     replies = [evaluation("a"), evaluation("b", confusion=[1] * 4),
-               evaluation("c", **{"num-examples": 50}), evaluation("bad", dice=float("nan"))]
+               evaluation("c", **{"num-examples": 50}), evaluation("bad", dice=[0.5]),
+               evaluation("silent", loss=float("nan"))]  # an honest site, a broken model
     checked = check_evaluations(replies, _site, CAPS, num_classes=3)
-    assert [_site(m) for m in checked.kept] == ["a"]
+    assert [_site(m) for m in checked.kept] == ["a", "silent"]
     reasons = {r.site: r.reason for r in checked.rejected}
     assert "list of 9 counts" in reasons["b"]
     assert "more than the 4" in reasons["c"]
-    assert "not finite" in reasons["bad"]
+    assert "a list where a number belongs" in reasons["bad"]
 
 
 def test_one_silent_site_cannot_get_an_honest_update_rejected() -> None:
