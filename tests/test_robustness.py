@@ -258,23 +258,36 @@ def test_dropout_fault_kills_the_site() -> None:
 def test_inflate_fault_passes_the_norm_rule_it_was_built_for() -> None:
     """The inflating site reverses its own update and stretches it to 0.9x the limit it expects
     (its own update norm standing in for the median): an attack the norm rule lets through
-    whenever the sites' updates are alike, as they are in a federation. Norm-bounded
-    averaging then clips it to the median."""
+    whenever the sites' updates are alike, as they are in a federation. ``inflate`` then fails
+    on the variances it makes negative (and on its claim); ``reverse`` raises them to 0 and
+    passes every check, and norm-bounded averaging clips it to the median."""
     received = _state(0)
-    received["bn.running_var"] = torch.full((4,), 5.0)
-    honest = _near(received, 1)
-    sent = inject_fault("reverse", honest, received, max_update_ratio=10.0)
-    step = honest["conv.weight"] - received["conv.weight"]
-    torch.testing.assert_close(sent["conv.weight"], received["conv.weight"] - 9.0 * step)
-    assert torch.equal(sent["bn.num_batches_tracked"], honest["bn.num_batches_tracked"])
-    others = [_reply(s, _near(received, seed)) for s, seed in (("a", 5), ("b", 6))]
-    checked = _check([*others, _reply("bad", sent)], received,
+
+    def trained(seed: int) -> OrderedDict:  # weights and variances both move, as in training
+        out = _near(received, seed)
+        out["bn.running_var"] = out["bn.running_var"] + 0.5 + 0.1 * seed
+        return out
+
+    honest = trained(1)
+    inflated = inject_fault("inflate", honest, received, max_update_ratio=10.0)
+    for name in ("conv.weight", "bn.running_var"):
+        torch.testing.assert_close(inflated[name], received[name] - 9.0 * (honest[name] -
+                                                                           received[name]))
+    assert torch.equal(inflated["bn.num_batches_tracked"], honest["bn.num_batches_tracked"])
+    reversed_ = inject_fault("reverse", honest, received, max_update_ratio=10.0)
+    torch.testing.assert_close(reversed_["conv.weight"], inflated["conv.weight"])
+    assert (inflated["bn.running_var"] < 0).all()
+    assert (reversed_["bn.running_var"] == 0).all()
+    others = [_reply(s, trained(seed)) for s, seed in (("a", 5), ("b", 6))]
+    checked = _check([*others, _reply("bad", inflated)], received)
+    assert "negative variance" in checked.rejected[0].reason
+    checked = _check([*others, _reply("bad", reversed_)], received,
                      UpdateRules(10.0, floor=0.01, clip=1.0))
     assert not checked.rejected
     assert [_site(m) for m in checked.kept] == ["a", "b", "bad"]
     clipped = checked.kept[2].content["arrays"].to_torch_state_dict()["conv.weight"]
-    assert (clipped - received["conv.weight"]).norm() < 0.2 * (sent["conv.weight"] -
-                                                                received["conv.weight"]).norm()
+    assert (clipped - received["conv.weight"]).norm() < 0.2 * (
+        reversed_["conv.weight"] - received["conv.weight"]).norm()
     with pytest.raises(ValueError, match="max update ratio"):
         inject_fault("inflate", honest)
 
