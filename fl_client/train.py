@@ -5,6 +5,7 @@ Plain functions over the model package; the ClientApp only translates Messages t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import zlib
@@ -45,6 +46,9 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     if cfg.train.skip:
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
                 "epsilon": NO_DP, "site-weight": 1}
+    if cfg.dp.enabled:  # DP-SGD's own batch size and learning rate
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, batch_size=cfg.dp.batch_size, lr=cfg.dp.lr))
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     noise = None
     if cfg.dp.enabled:
@@ -123,6 +127,4 @@ def _finite(value: float) -> float:
 
 
 def _with_seed(cfg: Config, seed: int) -> Config:
-    import dataclasses
-
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed % 2**31))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import (
@@ -30,7 +31,7 @@ from fl_common.replies import SITE
 
 from .identity import SiteIdentity
 from .recorder import RunRecorder
-from .settings import FederationSettings
+from .settings import RUN_DEFINING, FederationSettings, run_config_key
 from .strategy import (
     StrategyOptions,
     make_strategy,
@@ -83,13 +84,8 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         raise ValueError(problem)
     model = build_model(cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
-    recorder.settings = run_defining(settings)
-    start, payload = 0, None
-    if settings.resume:
-        start, payload = recorder.last_round()
-        if payload is not None:
-            model.load_state_dict(payload["model"])
-            _record_resume(recorder, start, payload, settings, cfg)
+    recorder.settings = saved_settings(settings)
+    start, payload = _resume(recorder, model, settings, cfg) if settings.resume else (0, None)
     strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
@@ -127,15 +123,19 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                                   round_seconds=seconds)
 
 
-def run_defining(settings: FederationSettings) -> dict[str, Any]:
+def saved_settings(settings: FederationSettings) -> dict[str, Any]:
     """The settings a resumed run must keep (kebab-case), saved in every checkpoint."""
-    from .settings import RUN_DEFINING, run_config_key
-
     return {run_config_key(name): getattr(settings, name) for name in RUN_DEFINING}
 
 
-def _record_resume(recorder: RunRecorder, start: int, payload: dict[str, Any],
-                   settings: FederationSettings, cfg: Config) -> None:
+def _resume(recorder: RunRecorder, model: torch.nn.Module, settings: FederationSettings,
+            cfg: Config) -> tuple[int, dict[str, Any] | None]:
+    """The last completed round and its checkpoint, loaded into ``model`` (0, None if none);
+    a larger number of rounds than the checkpoint's is recorded."""
+    start, payload = recorder.last_round()
+    if payload is None:
+        return 0, None
+    model.load_state_dict(payload["model"])
     recorder.event("resume", f"resuming after round {start}")
     log.info("resuming after round %d", start)
     planned = int(payload.get("settings", {}).get("num-rounds", settings.num_rounds))
@@ -144,6 +144,7 @@ def _record_resume(recorder: RunRecorder, start: int, payload: dict[str, Any],
                 if cfg.dp.enabled else "")
         recorder.event("rounds", f"rounds raised from {planned} to {settings.num_rounds} at "
                        f"resume{plan}", previous=planned, rounds=settings.num_rounds)
+    return start, payload
 
 
 def federation_id(run_dir: str, config_yaml: str) -> str:
