@@ -37,8 +37,7 @@ class FederationSettings:
     max_update_ratio: float = _setting(10.0, "reject updates whose norm exceeds this x the "
                                              "median norm of all the round's updates")
     norm_floor: float = _setting(0.01, "the norm rule never compares with a median below this "
-                                       "norm, so a round of silent sites cannot reject the one "
-                                       "that trained")
+                                       "norm: updates up to max-update-ratio x this always pass")
     norm_clip: float = _setting(1.0, "clip every update to this x the median norm before "
                                      "averaging (0: off; not with server-side DP, which clips "
                                      "at --server-dp-clip)")
