@@ -151,8 +151,6 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
         run_defining,
         write_settings,
     )
-    from .strategy import protection_problem
-
     dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.num_rounds}"]
     overrides = [*args.overrides, *(dp if args.dp else []),
                  *(["train.keep_norm_local=true"] if args.keep_norm_local else [])]
@@ -170,14 +168,20 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
     else:
         check_new(run_dir)
         cfg, settings = load_config(args.preset, args.config, overrides), run_defining(flags)
-    problem = protection_problem(settings["strategy"], sites or settings["min-sites"],
-                                 settings["trim-fraction"], settings["krum-f"])
-    if problem:
-        raise ValueError(f"{problem}. Add sites, or choose another strategy or setting")
+    _check_protection(settings, sites)
     write_settings(run_dir, settings, {})
     config_file = run_dir / "config.yaml"
     config_file.write_text(to_yaml(cfg))
     return config_file, settings
+
+
+def _check_protection(settings: dict, sites: int) -> None:
+    from .strategy import protection_problem
+
+    problem = protection_problem(settings["strategy"], sites or settings["min-sites"],
+                                 settings["trim-fraction"], settings["krum-f"])
+    if problem:
+        raise ValueError(f"{problem}. Add sites, or choose another strategy or setting")
 
 
 def main(argv: list[str] | None = None) -> int:

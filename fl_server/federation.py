@@ -94,12 +94,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     config = ConfigRecord({"egcmf-config": config_yaml,
                            "federation-id": federation_id(settings.run_dir, config_yaml)})
     if start == 0:  # the initial model on every site: the baseline that training must beat
-        initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
-                                            recorder, classes), classes)
-        initial.pop("train_s")
-        recorder.initial = initial
-        log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
-                 initial["miou"], initial["acc"], initial["loss"])
+        recorder.initial = _initial(grid, strategy, arrays, config, settings, recorder, classes)
     seconds = {}
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
@@ -121,6 +116,17 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         _log_round(rnd, settings.num_rounds, line)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
                                   round_seconds=seconds)
+
+
+def _initial(grid: Grid, strategy: Strategy, arrays: ArrayRecord, config: ConfigRecord,
+             settings: FederationSettings, recorder: RunRecorder, classes: tuple[str, ...]
+             ) -> dict[str, Any]:
+    initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings, recorder,
+                                        classes), classes)
+    initial.pop("train_s")
+    log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
+             initial["miou"], initial["acc"], initial["loss"])
+    return initial
 
 
 def saved_settings(settings: FederationSettings) -> dict[str, Any]:

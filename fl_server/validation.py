@@ -233,28 +233,31 @@ def check_updates(replies: list[Message], reference: ArrayRecord, site_of: SiteO
             problem = array_problem(sent[site], ref)
         if problem:
             rejected.append(Rejection(site, problem))
-            continue
-        kept.append(msg)
-        norms[site] = update_norms(sent[site], ref)
-    groups = sorted({g for n in norms.values() for g in n})
-    limits = {g: norm_limit([n[g] for n in norms.values()], rules) for g in groups}
-    final = []
-    for msg in kept:
-        site = site_of(msg)
-        over = [g for g in groups if norms[site][g] > limits[g]]
-        if over:
-            g = over[0]
-            rejected.append(Rejection(site, f"update norm of the {g} {norms[site][g]:.3g} is "
-                                            f"over the limit {limits[g]:.3g} "
-                                            f"({rules.max_ratio:g}x the median)"))
-            del norms[site]
         else:
-            final.append(msg)
+            kept.append(msg)
+            norms[site] = update_norms(sent[site], ref)
+    over = norm_rule(norms, rules)
+    rejected += [Rejection(site, reason) for site, reason in over.items()]
+    final = [msg for msg in kept if site_of(msg) not in over]
+    norms = {site: n for site, n in norms.items() if site not in over}
     if rules.clip > 0 and final:
         bounds = {g: rules.clip * max(float(np.median([n[g] for n in norms.values()])),
-                                      rules.floor) for g in groups}
+                                      rules.floor) for g in next(iter(norms.values()))}
         for msg in final:
-            site = site_of(msg)
-            arrays = bounded(sent[site], ref, norms[site], bounds)
+            arrays = bounded(sent[site_of(msg)], ref, norms[site_of(msg)], bounds)
             msg.content[ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
     return Checked(final, rejected, norms)
+
+
+def norm_rule(norms: dict[str, dict[str, float]], rules: UpdateRules) -> dict[str, str]:
+    """Site -> why its update is over the round's limit, for the sites whose update is."""
+    groups = sorted({g for n in norms.values() for g in n})
+    limits = {g: norm_limit([n[g] for n in norms.values()], rules) for g in groups}
+    over = {}
+    for site, norm in norms.items():
+        for g in groups:
+            if norm[g] > limits[g]:
+                over[site] = (f"update norm of the {g} {norm[g]:.3g} is over the limit "
+                              f"{limits[g]:.3g} ({rules.max_ratio:g}x the median)")
+                break
+    return over
