@@ -55,6 +55,10 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         generator, noise = dp_generators(seed if dp_seeded else None, device)
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator)
+    if cfg.dp.enabled and cfg.dp.freeze_encoders:
+        for name, p in model.named_parameters():
+            if ".encoder." in name:
+                p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:

@@ -44,9 +44,11 @@ class StrategyOptions:
 def protection_problem(name: str, sites: int, trim_fraction: float, krum_f: int) -> str | None:
     """Why strategy ``name`` cannot give the protection it is configured for with ``sites``
     updates; None when it can."""
+    if name == "trimmed-mean" and not 0 < trim_fraction < 0.5:
+        return (f"trimmed-mean cuts --trim-fraction of the updates at each end: it must be "
+                f"above 0 and below 0.5, not {trim_fraction:g}")
     if name == "trimmed-mean" and int(trim_fraction * sites) < 1:
-        need = f"at least {math.ceil(1 / trim_fraction)} sites" if trim_fraction > 0 else \
-            "a --trim-fraction above 0"
+        need = f"at least {math.ceil(1 / trim_fraction)} sites"
         return (f"trimmed-mean with --trim-fraction {trim_fraction:g} cuts int("
                 f"{trim_fraction:g} x {sites}) = 0 updates at each end with {sites} sites: it "
                 f"is a plain mean and bounds nothing; it needs {need}")

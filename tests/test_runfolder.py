@@ -100,7 +100,9 @@ def test_resume_keeps_the_checkpoints_configuration(tmp_path: Path, started: lis
 def test_fl_server_start_refuses_a_strategy_too_few_sites_can_serve(
         tmp_path: Path, started: list, capsys) -> None:
     for flags, needs in ((["--strategy", "krum", "--krum-f", "1"], "at least 5 sites"),
-                         (["--strategy", "trimmed-mean"], "at least 5 sites")):
+                         (["--strategy", "trimmed-mean"], "at least 5 sites"),
+                         (["--strategy", "trimmed-mean", "--trim-fraction", "0.5"],
+                          "below 0.5")):
         assert _start(tmp_path, *flags) == 2
         assert needs in capsys.readouterr().err
     assert _start(tmp_path, "--strategy", "trimmed-mean", "--trim-fraction", "0.34") == 0
