@@ -98,6 +98,12 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # per-sample gradient clipping bound
     noise_multiplier: float = 0.0  # 0 = calibrated to spend epsilon over planned_rounds
     planned_rounds: int = 20  # rounds the noise is calibrated for
+    # Under DP-SGD these replace train.batch_size and train.lr: each noisy step should average
+    # many examples (a site smaller than the batch takes one step per epoch over all its
+    # tiles), and fewer, larger steps spend the budget on less noise.
+    batch_size: int = 32  # expected batch of Poisson sampling
+    lr: float = 1e-2  # Adam
+    freeze_encoders: bool = False  # DP-SGD trains decoders, fusion and heads only
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from egcmf_model.config import Config, from_dict
 from egcmf_model.engine import build_model, pick_device
+from fl_common.replies import ARRAYS, EVALUATE_METRICS, METRICS, SITE, TRAIN_METRICS
 
 from .failures import PRIVACY_BUDGET_SPENT, public_error
 from .faults import INFLATED_EXAMPLES, inject_fault
@@ -42,8 +43,9 @@ __all__ = ["PRIVACY_BUDGET_SPENT", "app", "make_client_app"]
 def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """The ClientApp. Only a simulation passes ``defaults``: the partition file, ``simulation``
     (DP-SGD's sampling and noise then follow the seed), and the sites that misbehave on purpose
-    (``faults``: site -> kind, with the centre's ``max-update-ratio`` for ``inflate``). The
-    deployment's ``app`` has none: its DP noise draws from the operating system's entropy."""
+    (``faults``: site -> kind, with the centre's ``max-update-ratio`` for ``inflate`` and
+    ``reverse``). The deployment's ``app`` has none: its DP noise draws from the operating
+    system's entropy."""
     app = ClientApp()
     fixed = dict(defaults or {})
 
@@ -145,10 +147,13 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
 
 def _reply(msg: Message, site: SiteData, metrics: dict[str, Any],
            arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site.name})})
+    """The reply in the schema the centre checks (:mod:`fl_common.replies`)."""
+    expected = TRAIN_METRICS if arrays is not None else EVALUATE_METRICS
+    if set(metrics) != expected:
+        raise RuntimeError(f"reply metrics {sorted(metrics)} differ from {sorted(expected)}")
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": site.name})})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[ARRAYS] = arrays
     return Message(content=content, reply_to=msg)
 
 

@@ -5,6 +5,7 @@ Plain functions over the model package; the ClientApp only translates Messages t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -61,12 +62,19 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
                 "epsilon": NO_DP, "site-weight": 1, "steps": 0}
     if steps is not None and cfg.dp.enabled:
         raise ValueError("DP-SGD accounts whole epochs; train it by epochs, not steps")
+    if cfg.dp.enabled:  # DP-SGD's own batch size and learning rate
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, batch_size=cfg.dp.batch_size, lr=cfg.dp.lr))
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     noise = None
     if cfg.dp.enabled:
         generator, noise = dp_generators(seed if dp_seeded else None, device)
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator)
+    if cfg.dp.enabled and cfg.dp.freeze_encoders:
+        for name, p in model.named_parameters():
+            if ".encoder." in name:
+                p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
@@ -149,6 +157,4 @@ def _finite(value: float) -> float:
 
 
 def _with_seed(cfg: Config, seed: int) -> Config:
-    import dataclasses
-
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed % 2**31))

@@ -6,6 +6,8 @@ Layout of ``DIR`` (:func:`make_certificates`, :func:`add_site`)::
     server.crt  server.key     the SuperLink's TLS identity (SANs: localhost, 127.0.0.1, ::1...)
     app-signing.crt  .key      the consortium's app-signing key (Ed25519), certified by the CA
     sites/<name>.pub           each hospital's public key, made at the hospital
+    sites/<name>.json          what the centre registered with it: {"max-examples": N}, the
+                               most training or validation tiles its replies may claim
     sites/<name>               only with --sites (tests, demos): the private key, made here
 
 Private keys are mode 0600; every file is written to a temporary file and renamed.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from fl_common.sitekeys import (
 
 VALID_DAYS = 825  # the longest lifetime browsers still accept for server certificates
 APP_SIGNING = "app-signing"
+DEMO_MAX_EXAMPLES = 1000  # the cap registered with the keys --sites makes (tests, demos)
+MAX_EXAMPLES = "max-examples"
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
@@ -85,9 +90,10 @@ def server_sans(hostnames: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def make_certificates(out: Path, sites: Sequence[str] = (), hostnames: Sequence[str] = (),
-                      force: bool = False) -> list[Path]:
+                      force: bool = False, max_examples: int = DEMO_MAX_EXAMPLES) -> list[Path]:
     """Write the CA, the server certificate, the app-signing key and, for tests and demos, one
-    key pair per name in ``sites``; returns the files written."""
+    key pair per name in ``sites``, registered with ``max_examples``; returns the files
+    written."""
     for site in sites:
         check_site_name(site)
     targets = [out / "ca.key", out / "server.key", out / f"{APP_SIGNING}.key",
@@ -112,7 +118,8 @@ def make_certificates(out: Path, sites: Sequence[str] = (), hostnames: Sequence[
         atomic_write(path, data, private)
     written = list(files)
     for site in sites:
-        written += write_site_keypair(out / "sites", site, force=True)
+        written += [*write_site_keypair(out / "sites", site, force=True),
+                    write_site_cap(out, site, max_examples)]
     return written
 
 
@@ -141,10 +148,12 @@ def renew_app_signing(out: Path) -> list[Path]:
     return list(files)
 
 
-def add_site(out: Path, public_key: Path, name: str | None = None, force: bool = False) -> Path:
+def add_site(out: Path, public_key: Path, max_examples: int, name: str | None = None,
+             force: bool = False) -> Path:
     """Register a hospital's public key (made there with ``fl-client keygen``) as
-    ``out/sites/<name>.pub``, without touching the CA. ``name`` defaults to the file's stem.
-    Refuses a name already taken or a key already registered under another name."""
+    ``out/sites/<name>.pub``, with the most examples its replies may claim, without touching
+    the CA. ``name`` defaults to the file's stem. Refuses a name already taken or a key already
+    registered under another name."""
     site = check_site_name(name or public_key.name.removesuffix(".pub"))
     key = load_site_public_key(public_key)
     line = public_key_line(key)
@@ -156,8 +165,44 @@ def add_site(out: Path, public_key: Path, name: str | None = None, force: bool =
         if other != site and load_site_public_key(path) == key:
             raise ValueError(f"{public_key}: this key is already registered as site {other}; "
                              "every hospital needs its own key (fl-client keygen)")
+    write_site_cap(out, site, max_examples)
     atomic_write(target, line, private=False)
     return target
+
+
+def write_site_cap(out: Path, site: str, max_examples: int) -> Path:
+    """Record the most training or validation tiles site ``site`` may claim in a reply: the
+    size of its data set as the consortium knows it (a site's own claim bounds nothing)."""
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise ValueError(f"--max-examples must be a positive integer, got {max_examples!r}")
+    target = out / "sites" / f"{check_site_name(site)}.json"
+    atomic_write(target, json.dumps({MAX_EXAMPLES: max_examples}).encode() + b"\n",
+                 private=False)
+    return target
+
+
+def site_caps(certs: Path) -> dict[str, int]:
+    """Site -> the cap registered with its key, for every ``sites/<name>.pub``; an error names
+    the sites without one and how to register it."""
+    caps, missing = {}, []
+    for site in site_public_keys(certs):
+        path = certs / "sites" / f"{site}.json"
+        try:
+            value = json.loads(path.read_text())[MAX_EXAMPLES]
+        except (OSError, ValueError, KeyError, TypeError):
+            missing.append(site)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            missing.append(site)
+            continue
+        caps[site] = value
+    if missing:
+        raise ValueError(f"no valid {MAX_EXAMPLES} registered for site(s) {', '.join(missing)} "
+                         f"in {certs / 'sites'}: the centre records how many tiles each "
+                         f"hospital holds, which bounds the weight of its updates. Register "
+                         f"it: fl-server certs --out {certs} --add-site "
+                         f"{certs / 'sites' / (missing[0] + '.pub')} --max-examples N --force")
+    return caps
 
 
 def site_public_keys(certs: Path) -> dict[str, Path]:

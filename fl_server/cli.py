@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _certs_parser(sub: argparse._SubParsersAction) -> None:
+    from .certs import DEMO_MAX_EXAMPLES
+
     p = sub.add_parser(
         "certs", help="make the CA, the server certificate and the app-signing key; add sites",
         description="Make the consortium CA, the SuperLink's certificate and the app-signing "
@@ -62,6 +64,11 @@ def _certs_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-site", type=Path, action="append", default=[], metavar="NAME.pub",
                    help="register a hospital's public key as sites/NAME.pub (the CA is not "
                         "touched); repeat for several")
+    p.add_argument("--max-examples", type=int, metavar="N",
+                   help="with --add-site (required): the most training or validation tiles the "
+                        "hospital's replies may claim, the size of its data set as the "
+                        "consortium knows it; it bounds the weight of its updates. With --sites: "
+                        f"default {DEMO_MAX_EXAMPLES}")
     p.add_argument("--name", help="with one --add-site: the site's name (default: file name)")
     p.add_argument("--sites", default="",
                    help="tests and demos only: also make these sites' private keys here "
@@ -74,16 +81,21 @@ def _certs_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from .certs import add_site, make_certificates, renew_app_signing
+    from .certs import DEMO_MAX_EXAMPLES, add_site, make_certificates, renew_app_signing
 
     if args.add_site:
         if args.sites or args.hostnames or args.renew_app_signing:
             raise ValueError("--add-site registers public keys only; run it on its own")
         if args.name and len(args.add_site) > 1:
             raise ValueError("--name goes with a single --add-site")
+        if args.max_examples is None:
+            raise ValueError("--add-site needs --max-examples N: the most training or "
+                             "validation tiles this hospital's replies may claim (the size of "
+                             "its data set as the consortium knows it)")
         for pub in args.add_site:
-            target = add_site(args.out, pub, args.name, force=args.force)
-            log.info("registered %s; fl-server start registers it with the SuperLink", target)
+            target = add_site(args.out, pub, args.max_examples, args.name, force=args.force)
+            log.info("registered %s with at most %d examples; fl-server start registers it "
+                     "with the SuperLink", target, args.max_examples)
         return 0
     if args.renew_app_signing:
         files = renew_app_signing(args.out)
@@ -91,14 +103,14 @@ def _certs(args: argparse.Namespace) -> int:
         return 0
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     hosts = [h.strip() for h in args.hostnames.split(",") if h.strip()]
-    files = make_certificates(args.out, sites, hosts, force=args.force)
+    files = make_certificates(args.out, sites, hosts, force=args.force,
+                              max_examples=args.max_examples or DEMO_MAX_EXAMPLES)
     log.info("wrote %d files to %s; give every hospital ca.crt; keep ca.key offline "
              "(see certs/README.md)", len(files), args.out)
     return 0
 
 
 def _start(args: argparse.Namespace) -> int:
-    from egcmf_model.config import load_config, to_yaml
     from fl_common.address import check_insecure, parse_address
 
     from .launcher import StartOptions, start_federation
@@ -112,14 +124,8 @@ def _start(args: argparse.Namespace) -> int:
         raise ValueError(f"no {args.certs / 'server.key'}: make certificates with "
                          "fl-server certs --out DIR, or pass --certs DIR")
     run_dir = args.run_dir or Path("runs") / time.strftime("federation-%Y%m%d-%H%M%S")
-    dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.num_rounds}"]
-    fedbn = ["train.keep_norm_local=true"] if args.keep_norm_local else []
-    cfg = load_config(args.preset, args.config,
-                      [*args.overrides, *(dp if args.dp else []), *fedbn])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "config.yaml"
-    config_file.write_text(to_yaml(cfg))
-    run_config = {**settings_from_args(args, START_FLAGS), "run-dir": str(run_dir.resolve()),
+    config_file, settings = _run_folder(args, run_dir)
+    run_config = {**settings, "timeout": args.timeout, "run-dir": str(run_dir.resolve()),
                   "resume": args.resume, "config-file": str(config_file.resolve())}
     opts = StartOptions(run_dir=run_dir, address=address, run_config=run_config,
                         certs=None if args.insecure else args.certs)
@@ -130,12 +136,65 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
+    """The run's configuration and settings, written to ``run_dir``: a new run into an empty
+    folder, a resumed one as its checkpoint says (flags given again must agree)."""
+    from egcmf_model.config import apply_overrides, load_config, to_yaml
+
+    from .certs import site_caps
+    from .runfolder import (
+        check_new,
+        merge_settings,
+        reference,
+        refuse,
+        resume_config,
+        run_defining,
+        write_settings,
+    )
+    dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.num_rounds}"]
+    overrides = [*args.overrides, *(dp if args.dp else []),
+                 *(["train.keep_norm_local=true"] if args.keep_norm_local else [])]
+    sites = 0 if args.insecure else len(site_caps(args.certs))  # every key with its cap
+    flags = {**settings_from_args(args, ROUND_FLAGS), "sites": sites}
+    if args.resume:
+        ref = reference(run_dir)
+        fresh = "preset" in args.given or "config" in args.given
+        cfg, changes = resume_config(ref, lambda base: load_config(
+            args.preset, args.config, overrides) if fresh else apply_overrides(base, overrides))
+        stated = {k: v for k, v in run_defining(flags).items()
+                  if k == "sites" or k.replace("-", "_") in args.given}
+        settings, more = merge_settings(ref, stated)
+        refuse(run_dir, changes + more)
+    else:
+        check_new(run_dir)
+        cfg, settings = load_config(args.preset, args.config, overrides), run_defining(flags)
+    _check_protection(settings, sites)
+    write_settings(run_dir, settings, {})
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(to_yaml(cfg))
+    return config_file, settings
+
+
+def _check_protection(settings: dict, sites: int) -> None:
+    from .strategy import protection_problem
+
+    problem = protection_problem(settings["strategy"], sites or settings["min-sites"],
+                                 settings["trim-fraction"], settings["krum-f"])
+    if problem:
+        raise ValueError(f"{problem}. Add sites, or choose another strategy or setting")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="fl-server: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        if args.command == "start":  # a resumed run checks the options stated again
+            from .runfolder import given_options
+
+            args.given = given_options(parser, argv)
         return args.func(args)
     except KeyboardInterrupt:
         log.info("stopped; every process this command started has been stopped")

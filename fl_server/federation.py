@@ -14,25 +14,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.exception import (
+    AggregationError,
+    InconsistentMessageReplies,
+    PrivacyBudgetExhausted,
+)
 from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, seed_everything
 from egcmf_model.metrics import SegmentationMetrics
+from fl_common.replies import SITE
 
 from .identity import SiteIdentity
 from .recorder import RunRecorder
-from .settings import FederationSettings
+from .settings import RUN_DEFINING, FederationSettings, run_config_key
 from .strategy import (
     StrategyOptions,
     make_strategy,
+    protection_problem,
     restore_strategy_state,
     strategy_state,
 )
-from .validation import validate_updates
+from .validation import (
+    Checked,
+    Rejection,
+    UpdateRules,
+    check_evaluations,
+    check_updates,
+    without_negative_variances,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +54,15 @@ log = logging.getLogger(__name__)
 def strategy_options(settings: FederationSettings) -> StrategyOptions:
     s = settings
     return StrategyOptions(s.strategy, s.min_sites, s.proximal_mu, s.trim_fraction, s.krum_f,
-                           s.server_lr, s.sites or s.min_sites, s.server_dp_noise,
+                           s.server_lr, s.federation_size(), s.server_dp_noise,
                            s.server_dp_clip, s.server_dp_epsilon, s.server_dp_delta)
+
+
+def update_rules(settings: FederationSettings) -> UpdateRules:
+    """The norm rule's settings; no median clipping under server-side DP, whose fixed clipping
+    bounds every update (a bound that depends on the other sites would break its accounting)."""
+    clip = 0.0 if settings.server_dp_noise > 0 else settings.norm_clip
+    return UpdateRules(settings.max_update_ratio, settings.norm_floor, clip)
 
 
 def seed_server(cfg: Config, simulation: bool) -> None:
@@ -57,15 +78,14 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     cfg = load_config(path=settings.config_file or None)
     classes = tuple(cfg.data.classes)
     seed_server(cfg, settings.simulation)
+    problem = protection_problem(settings.strategy, settings.federation_size(),
+                                 settings.trim_fraction, settings.krum_f)
+    if problem:
+        raise ValueError(problem)
     model = build_model(cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
-    start, payload = 0, None
-    if settings.resume:
-        start, payload = recorder.last_round()
-        if payload is not None:
-            model.load_state_dict(payload["model"])
-            recorder.event("resume", f"resuming after round {start}")
-            log.info("resuming after round %d", start)
+    recorder.settings = saved_settings(settings)
+    start, payload = _resume(recorder, model, settings, cfg) if settings.resume else (0, None)
     strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
@@ -75,12 +95,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                            "federation-id": federation_id(settings.run_dir, config_yaml),
                            "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
     if start == 0:  # the initial model on every site: the baseline that training must beat
-        initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
-                                            recorder), classes)
-        initial.pop("train_s")
-        recorder.initial = initial
-        log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
-                 initial["miou"], initial["acc"], initial["loss"])
+        recorder.initial = _initial(grid, strategy, arrays, config, settings, recorder, classes)
     seconds = {}
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
@@ -104,6 +119,41 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                                   round_seconds=seconds)
 
 
+def _initial(grid: Grid, strategy: Strategy, arrays: ArrayRecord, config: ConfigRecord,
+             settings: FederationSettings, recorder: RunRecorder, classes: tuple[str, ...]
+             ) -> dict[str, Any]:
+    initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings, recorder,
+                                        classes), classes)
+    initial.pop("train_s")
+    log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
+             initial["miou"], initial["acc"], initial["loss"])
+    return initial
+
+
+def saved_settings(settings: FederationSettings) -> dict[str, Any]:
+    """The settings a resumed run must keep (kebab-case), saved in every checkpoint."""
+    return {run_config_key(name): getattr(settings, name) for name in RUN_DEFINING}
+
+
+def _resume(recorder: RunRecorder, model: torch.nn.Module, settings: FederationSettings,
+            cfg: Config) -> tuple[int, dict[str, Any] | None]:
+    """The last completed round and its checkpoint, loaded into ``model`` (0, None if none);
+    a larger number of rounds than the checkpoint's is recorded."""
+    start, payload = recorder.last_round()
+    if payload is None:
+        return 0, None
+    model.load_state_dict(payload["model"])
+    recorder.event("resume", f"resuming after round {start}")
+    log.info("resuming after round %d", start)
+    planned = int(payload.get("settings", {}).get("num-rounds", settings.num_rounds))
+    if settings.num_rounds > planned:
+        plan = (f"; the DP plan keeps its {cfg.dp.planned_rounds} planned rounds"
+                if cfg.dp.enabled else "")
+        recorder.event("rounds", f"rounds raised from {planned} to {settings.num_rounds} at "
+                       f"resume{plan}", previous=planned, rounds=settings.num_rounds)
+    return start, payload
+
+
 def federation_id(run_dir: str, config_yaml: str) -> str:
     """Names this federation at the sites (their FedBN layers), the same after a resume."""
     text = f"{Path(run_dir).resolve()}\n{config_yaml}"
@@ -113,43 +163,97 @@ def federation_id(run_dir: str, config_yaml: str) -> str:
 def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
               config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder,
               classes: tuple[str, ...]) -> tuple[ArrayRecord, dict[str, Any]]:
-    """One round: local training, aggregation, then evaluation of the new global model."""
-    messages = strategy.configure_train(rnd, arrays, config, grid)
+    """One round: local training, checks, aggregation, then evaluation of the new global
+    model. A bad reply is left out; nothing a site sends raises out of the round."""
+    messages = list(strategy.configure_train(rnd, arrays, config, grid))
     train = _replies(grid.send_and_receive(messages, timeout=settings.timeout), rnd, "train",
                      recorder, settings)
-    train, rejected = validate_updates(train, arrays, site_of, settings.max_update_ratio)
-    for r in rejected:
-        log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
-        recorder.event("rejected", f"round {rnd}: update of site {r.site} rejected: {r.reason}",
-                       round=rnd, site=r.site)
-    new_arrays = None
-    if len(train) >= settings.min_sites:
-        new_arrays, _ = strategy.aggregate_train(rnd, train)
+    checked = check_updates(train, arrays, site_of, settings.caps("train"),
+                            update_rules(settings), len(classes))
+    _log_rejections(checked.rejected, rnd, "update", recorder)
+    new_arrays = _aggregate(strategy, rnd, checked.kept, len(messages), settings, recorder)
     if new_arrays is None:
-        recorder.event("warning", f"round {rnd}: {len(train)} valid update(s), fewer than "
-                       f"min-sites={settings.min_sites} or none aggregated; global model "
-                       "unchanged", round=rnd)
         new_arrays = arrays
-    evaluation = _evaluate(grid, strategy, rnd, new_arrays, config, settings, recorder)
+    new_arrays, raised = without_negative_variances(new_arrays)
+    if raised:
+        log.info("round %d: %d BatchNorm running variance(s) below 0 after aggregation raised "
+                 "to 0", rnd, raised)
+    evaluation = _evaluate(grid, strategy, rnd, new_arrays, config, settings, recorder, classes)
     strategy.aggregate_evaluate(rnd, evaluation)
-    return new_arrays, _round_line(train, evaluation, classes)
+    return new_arrays, _round_line(checked.kept, evaluation, classes, checked)
+
+
+def _aggregate(strategy: Strategy, rnd: int, updates: list[Message], sampled: int,
+               settings: FederationSettings, recorder: RunRecorder) -> ArrayRecord | None:
+    """The strategy's aggregate of the valid updates, or None (logged) when there is none."""
+    problem = protection_problem(settings.strategy, len(updates), settings.trim_fraction,
+                                 settings.krum_f)
+    if problem and updates:
+        log.warning("round %d: %s", rnd, problem)
+        recorder.event("protection", f"round {rnd}: {problem}", round=rnd)
+    server_dp = settings.server_dp_noise > 0
+    if not server_dp and len(updates) < settings.min_sites:
+        recorder.event("warning", f"round {rnd}: {len(updates)} valid update(s), fewer than "
+                       f"min-sites={settings.min_sites}; global model unchanged", round=rnd)
+        return None
+    try:  # server-side DP: always called, so that Flower settles the round's privacy event
+        new_arrays, _ = strategy.aggregate_train(rnd, updates)
+    except (InconsistentMessageReplies, AggregationError) as exc:
+        recorder.event("warning", f"round {rnd}: aggregation failed ({exc}); global model "
+                       "unchanged", round=rnd)
+        return None
+    except ZeroDivisionError:  # Flower 1.42's server-side clipping of an update of norm 0
+        recorder.event("warning", f"round {rnd}: a site sent the global model back unchanged, "
+                       "which Flower's server-side DP clipping cannot divide by; round "
+                       "skipped: global model unchanged, no privacy spent", round=rnd)
+        return None
+    if new_arrays is None and server_dp:
+        message = (f"round {rnd}: {len(updates)} valid update(s) of the {sampled} sites "
+                   "sampled; server-side DP averages only complete rounds, so Flower skipped "
+                   "this round's aggregation: global model unchanged, no privacy spent")
+        log.warning(message)
+        recorder.event("server-dp-skipped", message, round=rnd, valid=len(updates),
+                       sampled=sampled)
+    elif new_arrays is None:
+        recorder.event("warning", f"round {rnd}: nothing aggregated; global model unchanged",
+                       round=rnd)
+    return new_arrays
+
+
+def _log_rejections(rejected: list[Rejection], rnd: int, what: str,
+                    recorder: RunRecorder) -> None:
+    for r in rejected:
+        log.warning("round %d: %s of site %s rejected: %s", rnd, what, r.site, r.reason)
+        recorder.event("rejected", f"round {rnd}: {what} of site {r.site} rejected: {r.reason}",
+                       round=rnd, site=r.site)
 
 
 def _evaluate(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
-              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder
-              ) -> list[Message]:
-    """The global model ``arrays`` evaluated on the sites' validation splits."""
-    return _replies(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid),
-                                          timeout=settings.timeout), rnd, "evaluate", recorder,
-                    settings)
+              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder,
+              classes: tuple[str, ...]) -> list[Message]:
+    """The global model ``arrays`` evaluated on the sites' validation splits; the replies that
+    pass the checks."""
+    replies = _replies(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config,
+                                                                         grid),
+                                             timeout=settings.timeout), rnd, "evaluate",
+                       recorder, settings)
+    checked = check_evaluations(replies, site_of, settings.caps("evaluate"), len(classes))
+    _log_rejections(checked.rejected, rnd, "evaluation", recorder)
+    return checked.kept
 
 
 def site_of(msg: Message) -> str:
-    """The site's name as its reply states it; :func:`_replies` keeps only replies whose name
-    is the one registered with their node's key (deployment)."""
-    if "site" in msg.content:
-        return str(msg.content["site"]["name"])
-    return f"node-{msg.metadata.src_node_id}"
+    """The site's name as its reply states it (``node-<id>`` if it states none);
+    :func:`_replies` keeps only replies whose name is the one registered with their node's key
+    (deployment)."""
+    name = _claimed_name(msg)
+    return name if name is not None else f"node-{msg.metadata.src_node_id}"
+
+
+def _claimed_name(msg: Message) -> str | None:
+    record = msg.content.config_records.get(SITE)
+    name = record.get("name") if record is not None else None
+    return name if isinstance(name, str) else None
 
 
 def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
@@ -163,7 +267,7 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
             recorder.event("error", f"round {rnd} {stage}: {identity.describe(node)} failed: "
                            f"{msg.error.reason}", round=rnd)
             continue
-        problem = identity.check(node, site_of(msg) if "site" in msg.content else None)
+        problem = identity.check(node, _claimed_name(msg))
         if problem is None:
             good.append(msg)
             continue
@@ -173,8 +277,8 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
     return sorted(good, key=site_of)
 
 
-def _round_line(train: list[Message], evaluation: list[Message], classes: tuple[str, ...]
-                ) -> dict[str, Any]:
+def _round_line(train: list[Message], evaluation: list[Message], classes: tuple[str, ...],
+                checked: Checked | None = None) -> dict[str, Any]:
     sites: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}  # wall-clock, so kept out of the reproducible metrics line
     for msg in train:
@@ -184,6 +288,9 @@ def _round_line(train: list[Message], evaluation: list[Message], classes: tuple[
         timings[site_of(msg)] = round(float(m["train_s"]), 3)
         if float(m.get("epsilon", -1.0)) >= 0:  # sites training with DP-SGD
             entry["epsilon"] = float(m["epsilon"])
+        norms = checked.norms.get(site_of(msg), {}) if checked else {}
+        if "weights" in norms:  # the update as the site sent it, before any clipping
+            entry["update_norm"] = round(norms["weights"], 6)
     pooled = SegmentationMetrics(classes)
     loss_sum, n_sum = 0.0, 0
     for msg in evaluation:

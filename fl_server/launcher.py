@@ -23,7 +23,7 @@ from fl_common.address import Address
 from fl_common.appsign import SIGNATURE_KEY, SIGNER_KEY, load_signing_key, sign_run
 from fl_common.procs import Children, flower_env, port_open, supervised
 
-from .certs import APP_SIGNING, renew_app_signing, site_public_keys
+from .certs import APP_SIGNING, renew_app_signing, site_caps, site_public_keys
 from .control import Control, Patient, build_fab
 from .metrics_tail import MetricsTail
 from .settings import run_config_defaults
@@ -55,8 +55,8 @@ def start_federation(opts: StartOptions) -> dict:
         _write_flower_home(opts, control_address)
         control = Control(control_address, None if opts.insecure else opts.certs / "ca.crt")
         try:
-            nodes = {} if opts.insecure else _register(control, opts)
-            run_id = _submit(control, opts, nodes)
+            nodes, caps = ({}, {}) if opts.insecure else _register(control, opts)
+            run_id = _submit(control, opts, nodes, caps)
             log.info("run %s submitted; waiting for %d site(s)", run_id,
                      opts.run_config["min-sites"])
             return _follow(control, opts, run_id, children)
@@ -111,7 +111,8 @@ def _write_flower_home(opts: StartOptions, control: str) -> None:
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def _register(control: Control, opts: StartOptions) -> dict[int, str]:
+def _register(control: Control, opts: StartOptions) -> tuple[dict[int, str], dict[str, int]]:
+    """Register the sites' keys: node id -> site, and site -> its registered example cap."""
     keys = site_public_keys(opts.certs)
     if not keys:
         raise RuntimeError(f"no site public keys in {opts.certs / 'sites'}: each hospital makes "
@@ -121,16 +122,17 @@ def _register(control: Control, opts: StartOptions) -> dict[int, str]:
         raise RuntimeError(f"{len(keys)} site key(s) in {opts.certs / 'sites'} but --min-sites "
                            f"{opts.run_config['min-sites']}: the run could never start; add the "
                            "hospitals' keys (fl-server certs --add-site) or lower --min-sites")
+    caps = site_caps(opts.certs)
     nodes = control.register_sites(keys)
     log.info("registered %d site key(s): %s", len(nodes), ", ".join(sorted(nodes.values())))
-    return nodes
+    return nodes, caps
 
 
 def app_pyproject() -> bytes:
     """The app definition submitted with the run: components from the template, and a config
     table with every setting's one default (Flower only accepts overrides of declared keys)."""
     template = (resources.files("fl_server.flwr_app") / "pyproject.toml").read_text()
-    table = {**run_config_defaults(), "site-nodes": "", SIGNATURE_KEY: "", SIGNER_KEY: ""}
+    table = {**run_config_defaults(), SIGNATURE_KEY: "", SIGNER_KEY: ""}
     lines = ["", "[tool.flwr.app.config]", *(f"{k} = {_toml(v)}" for k, v in table.items())]
     return (template.rstrip("\n") + "\n" + "\n".join(lines) + "\n").encode()
 
@@ -143,9 +145,13 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def _submit(control: Control, opts: StartOptions, nodes: dict[int, str]) -> int:
+def _submit(control: Control, opts: StartOptions, nodes: dict[int, str],
+            caps: dict[str, int]) -> int:
+    """Submit the signed run; its configuration carries the node id -> site map and each
+    site's example cap (for both its training and its validation replies)."""
     run_config = {**opts.run_config, "site-nodes": json.dumps(
-        {str(k): v for k, v in sorted(nodes.items())})}
+        {str(k): v for k, v in sorted(nodes.items())}), "site-caps": json.dumps(
+        {site: {"train": cap, "evaluate": cap} for site, cap in sorted(caps.items())})}
     fab, fab_hash = build_fab(app_pyproject())
     if not opts.insecure:
         run_config.update(signature(opts.certs, fab_hash, run_config))

@@ -39,6 +39,7 @@ class RunRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.best: dict[str, Any] | None = None
         self.initial: dict[str, Any] | None = None  # the initial model's evaluation (round 0)
+        self.settings: dict[str, Any] = {}  # the settings a resume must keep (in checkpoints)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         line = {"time": round(time.time(), 3), "kind": kind, "message": message, **fields}
@@ -66,7 +67,8 @@ class RunRecorder:
         if improved:
             self.best = {"round": number, "dice": clean(line.get("dice"))}
         state = {"round": number, "metrics": clean(line), "best": self.best,
-                 "initial": clean(self.initial), "strategy_state": strategy_state or {}}
+                 "initial": clean(self.initial), "strategy_state": strategy_state or {},
+                 "settings": self.settings}
         save_checkpoint(self.dir / f"round_{number:03d}.pt", model, self.cfg, self.classes, **state)
         if improved:
             save_checkpoint(self.dir / "best.pt", model, self.cfg, self.classes, **state)

@@ -35,12 +35,19 @@ class FederationSettings:
                                       "still busy then is left out of that round",
                               "--round-timeout")
     max_update_ratio: float = _setting(10.0, "reject updates whose norm exceeds this x the "
-                                             "median of the others")
+                                             "median norm of all the round's updates")
+    norm_floor: float = _setting(0.01, "the norm rule never compares with a median below this "
+                                       "norm: updates up to max-update-ratio x this always pass")
+    norm_clip: float = _setting(1.0, "clip every update to this x the median norm before "
+                                     "averaging (0: off; not with server-side DP, which clips "
+                                     "at --server-dp-clip)")
     proximal_mu: float = _setting(0.01, "fedprox: weight of the proximal term the sites add")
     trim_fraction: float = _setting(0.2, "trimmed-mean: share cut at each end, per coordinate")
     krum_f: int = _setting(1, "krum: malicious sites tolerated")
     server_lr: float = 0.01  # fedadam: server learning rate (eta)
-    sites: int = 0  # sites in the federation (server-side DP); 0 = min_sites
+    # Sites in the federation: the registered keys (fl-server start) or the virtual sites
+    # (simulation); 0 = unknown (--insecure), then min_sites stands in.
+    sites: int = 0
     server_dp_noise: float = _setting(0.0, "> 0: Flower's server-side client-level DP "
                                            "(fedavg), noise multiplier")
     server_dp_clip: float = _setting(10.0, "server-side DP: clipping norm of each site's update")
@@ -49,6 +56,9 @@ class FederationSettings:
     server_dp_delta: float = 1e-5
     # Deployment: JSON {node id: site} of the keys the centre registered; "" in simulation.
     site_nodes: str = ""
+    # JSON {site: {"train": N, "evaluate": M}}: the most examples each site's replies may
+    # claim (simulation: its partition's tiles; deployment: the cap registered with its key).
+    site_caps: str = ""
     # Set by sim/run.py when it builds the ServerApp, never by a run config: server-side DP
     # noise then follows the seed (reproducible); in a deployment it draws from OS entropy.
     simulation: bool = False
@@ -69,6 +79,13 @@ class FederationSettings:
     def node_sites(self) -> dict[int, str]:
         """Registered node id -> site name (empty in simulation)."""
         return {int(k): str(v) for k, v in json.loads(self.site_nodes or "{}").items()}
+
+    def caps(self, stage: str) -> dict[str, int]:
+        """Site -> the most examples its ``stage`` (train, evaluate) replies may claim."""
+        return {site: int(v[stage]) for site, v in json.loads(self.site_caps or "{}").items()}
+
+    def federation_size(self) -> int:
+        return self.sites or self.min_sites
 
 
 DEFAULTS = FederationSettings()
@@ -111,5 +128,9 @@ def settings_from_args(args: argparse.Namespace, names: tuple[str, ...]) -> dict
 # Strategy options and update validation; with the three below, the flags both
 # fl-server start and sim/run.py offer.
 AGGREGATION_FLAGS = ("proximal_mu", "trim_fraction", "krum_f", "max_update_ratio",
-                     "server_dp_noise", "server_dp_clip", "server_dp_epsilon")
+                     "norm_floor", "norm_clip", "server_dp_noise", "server_dp_clip",
+                     "server_dp_epsilon")
 ROUND_FLAGS = ("num_rounds", "min_sites", "strategy", *AGGREGATION_FLAGS)
+# What a resumed run keeps from its checkpoint: any change is refused, except num_rounds
+# growing, and sites where no server-side DP accountant counts them.
+RUN_DEFINING = (*ROUND_FLAGS, "server_lr", "server_dp_delta", "sites")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +18,8 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+
+from fl_common.replies import SITE_WEIGHT  # 1 for every site: client-level DP counts sites
 
 from .settings import DEFAULTS, STRATEGIES
 
@@ -34,6 +39,26 @@ class StrategyOptions:
     server_dp_clip: float = DEFAULTS.server_dp_clip
     server_dp_epsilon: float = DEFAULTS.server_dp_epsilon
     server_dp_delta: float = DEFAULTS.server_dp_delta
+
+
+def protection_problem(name: str, sites: int, trim_fraction: float, krum_f: int) -> str | None:
+    """Why strategy ``name`` cannot give the protection it is configured for with ``sites``
+    updates; None when it can."""
+    if name == "trimmed-mean" and not 0 < trim_fraction < 0.5:
+        return (f"trimmed-mean cuts --trim-fraction of the updates at each end: it must be "
+                f"above 0 and below 0.5, not {trim_fraction:g}")
+    if name == "trimmed-mean" and int(trim_fraction * sites) < 1:
+        need = f"at least {math.ceil(1 / trim_fraction)} sites"
+        return (f"trimmed-mean with --trim-fraction {trim_fraction:g} cuts int("
+                f"{trim_fraction:g} x {sites}) = 0 updates at each end with {sites} sites: it "
+                f"is a plain mean and bounds nothing; it needs {need}")
+    if name == "krum" and sites < 2 * krum_f + 3:
+        return (f"krum with --krum-f {krum_f} needs at least {2 * krum_f + 3} sites "
+                f"(n >= 2f + 3) to tolerate {krum_f} bad one(s), not {sites}")
+    if name == "fedmedian" and sites < 3:
+        return (f"fedmedian with {sites} sites is a plain mean and bounds nothing; the "
+                "coordinate-wise median outvotes one bad update only from 3 sites")
+    return None
 
 
 def make_strategy(opts: StrategyOptions) -> Strategy:
@@ -81,21 +106,32 @@ def _server_side_dp(opts: StrategyOptions, common: dict) -> Strategy:
         num_sampled_clients=opts.sites, accountant=accountant)
 
 
-SITE_WEIGHT = "site-weight"  # 1 for every site: client-level DP averages sites uniformly
-
-
 STATEFUL = ("m_t", "v_t")  # FedOpt family (FedAdam): first and second moment estimates
+ACCOUNTANT = "server_dp_accountant"  # server-side DP: the RDP accountant's history, as JSON
 
 
-def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
-    """What a strategy learns across rounds, for the round checkpoint (empty for most); as
-    tensors, so that checkpoints load with ``torch.load(weights_only=True)``."""
-    return {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
-            for name in STATEFUL if getattr(strategy, name, None)}
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What a strategy learns across rounds, for the round checkpoint (empty for most): tensors
+    and plain text, so that checkpoints load with ``torch.load(weights_only=True)``."""
+    state: dict[str, Any] = {
+        name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
+        for name in STATEFUL if getattr(strategy, name, None)}
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None:
+        state[ACCOUNTANT] = json.dumps(accountant.state_dict())
+    return state
 
 
-def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, torch.Tensor]]
-                           ) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """The state of :func:`strategy_state` back into a strategy built with the same settings.
+    A server-side DP run resumed from a checkpoint without its accountant is refused: its
+    epsilon would restart at 0."""
     for name, value in state.items():
         if name in STATEFUL and hasattr(strategy, name):
             setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None:
+        if ACCOUNTANT not in state:
+            raise ValueError("the checkpoint holds no server-side DP accountant: resuming "
+                             "would restart epsilon at 0; start a new run folder instead")
+        accountant.load_state_dict(json.loads(state[ACCOUNTANT]))

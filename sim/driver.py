@@ -10,42 +10,103 @@ from typing import Any
 
 from egcmf_model.config import Config, apply_overrides, load_config
 from egcmf_model.data.source import DataSource, open_source
-from fl_server.settings import AGGREGATION_FLAGS, settings_from_args
+from fl_server.runfolder import (
+    check_new,
+    merge_settings,
+    reference,
+    refuse,
+    resume_config,
+    run_defining,
+    write_settings,
+)
+from fl_server.settings import AGGREGATION_FLAGS, ROUND_FLAGS, run_config_key, settings_from_args
+from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
 
 log = logging.getLogger("sim")
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
-    """Config (preset < --config < --set < flags), the data source and the run settings."""
-    flags = {"data.dataset": args.dataset, "data.root": args.data,
-             "data.partition": args.partition, "data.alpha": args.alpha,
-             "model.variant": args.variant, "train.epochs": args.local_epochs,
-             "train.seed": args.seed, "dp.epsilon": args.epsilon, "dp.delta": args.delta}
+# Flags that set a configuration field: field -> the flag's destination.
+CONFIG_FLAGS = {"data.dataset": "dataset", "data.root": "data", "data.partition": "partition",
+                "data.alpha": "alpha", "model.variant": "variant", "train.epochs": "local_epochs",
+                "train.seed": "seed", "dp.epsilon": "epsilon", "dp.delta": "delta"}
+
+
+def _overrides(args: argparse.Namespace, stated: set[str] | None) -> list[str]:
+    """``--set`` and the configuration flags as overrides (only those ``stated``, if given)."""
+    flags = {key: getattr(args, dest) for key, dest in CONFIG_FLAGS.items()
+             if stated is None or dest in stated}
     if args.keep_norm_local:
         flags["train.keep_norm_local"] = True
     if args.dp:  # DP-SGD needs per-sample gradients: GroupNorm instead of BatchNorm
         flags.update({"dp.enabled": True, "model.norm": "group",
                       "dp.planned_rounds": args.num_rounds})
-    sets = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(args.preset, args.config, [*args.overrides, *sets])
+    return [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+
+
+def _fresh_config(args: argparse.Namespace, stated: set[str] | None) -> Config:
+    """Preset < --config < --set < flags, fitted to the data (its classes; the H&E branch for
+    data without CK5/6)."""
+    cfg = load_config(args.preset, args.config, _overrides(args, stated))
     source = open_source(cfg.data, 4 * cfg.model.in_size)
     fixes = [f"data.classes=[{', '.join(source.classes)}]"]
     if args.variant is None and not source.has_ck56:
-        fixes.append("model.variant=mrfm")  # the H&E branch, for data without CK5/6
-    cfg = apply_overrides(cfg, fixes)
-    settings = SimSettings(out=args.out, clients=args.clients, rounds=args.num_rounds,
-                           partition=cfg.data.partition, alpha=cfg.data.alpha,
-                           strategy=args.strategy, seed=cfg.train.seed,
-                           client_gpus=args.client_gpus, min_sites=args.min_sites,
-                           fault=args.fault or "", budget=args.budget,
-                           strategy_options=tuple(
-                               settings_from_args(args, AGGREGATION_FLAGS).items()))
-    return cfg, source, settings
+        fixes.append("model.variant=mrfm")
+    return apply_overrides(cfg, fixes)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
+    """Config, data source and run settings: a new run's from the flags, in an empty folder;
+    a resumed run's from its checkpoint, with any flag stated again checked against it."""
+    flags = {**settings_from_args(args, ROUND_FLAGS)}
+    extra = {"clients": args.clients, "fault": args.fault or ""}
+    if args.resume:
+        cfg, settings, extra = _resumed(args, flags, extra)
+    else:
+        check_new(args.out)
+        cfg, settings = _fresh_config(args, None), run_defining(flags)
+    problem = protection_problem(settings["strategy"], extra["clients"],
+                                 settings["trim-fraction"], settings["krum-f"])
+    if problem:
+        raise ValueError(f"{problem}. Use more --clients, or another strategy or setting")
+    if args.mode == "federated" and not args.compare:
+        write_settings(args.out, settings, extra)
+    source = open_source(cfg.data, 4 * cfg.model.in_size)
+    aggregation = {run_config_key(name) for name in AGGREGATION_FLAGS}
+    run = SimSettings(out=args.out, clients=extra["clients"], rounds=settings["num-rounds"],
+                      partition=cfg.data.partition, alpha=cfg.data.alpha,
+                      strategy=settings["strategy"], seed=cfg.train.seed,
+                      client_gpus=args.client_gpus, min_sites=settings["min-sites"],
+                      fault=extra["fault"], resume=args.resume, budget=args.budget,
+                      strategy_options=tuple((k, v) for k, v in settings.items()
+                                             if k in aggregation))
+    return cfg, source, run
+
+
+def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, Any]
+             ) -> tuple[Config, dict[str, Any], dict[str, Any]]:
+    if args.mode != "federated" or args.compare:
+        raise ValueError("--resume continues a federated run; the baselines start afresh")
+    stated = getattr(args, "given", None)
+    stated = set(vars(args)) if stated is None else stated
+    ref = reference(args.out)
+    fresh = "preset" in stated or "config" in stated
+    cfg, changes = resume_config(ref, lambda base: _fresh_config(args, stated) if fresh
+                                 else apply_overrides(base, _overrides(args, stated)))
+    settings, more = merge_settings(ref, {k: v for k, v in run_defining(flags).items()
+                                          if k.replace("-", "_") in stated})
+    changes += more
+    kept = {key: ref.extra.get(key, value) for key, value in extra.items()}
+    changes += [f"{key}: {kept[key]!r} -> {value!r}" for key, value in extra.items()
+                if key in stated and value != kept[key]]
+    refuse(args.out, changes)
+    return cfg, settings, kept
 
 
 def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]:
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out: the run folder to continue")
     args.out = args.out or default_out
     cfg, source, settings = resolve(args)
     log.info("%s: %d clients, %d rounds, %s partition, variant %s, preset %s -> %s",

@@ -39,6 +39,7 @@ class SimSettings:
     fault: str = ""  # KIND:COUNT, fault injection
     strategy_options: tuple[tuple[str, float], ...] = ()  # proximal-mu, trim-fraction, krum-f
     budget: str = "epochs"  # what the centralized baseline holds equal: epochs, steps, examples
+    resume: bool = False  # continue the run in ``out`` after its last checkpoint
 
 
 def virtual_sites(source: DataSource, s: SimSettings) -> dict[str, dict[str, list[RoiRecord]]]:
@@ -70,6 +71,17 @@ def write_partitions(path: Path, classes: tuple[str, ...],
              for name, split in sites.items()]
     path.write_text(json.dumps({"classes": list(classes), "partitions": parts}, indent=1))
     return path
+
+
+def site_caps(sites: dict[str, dict[str, list[RoiRecord]]], classes: tuple[str, ...],
+              cfg: Config) -> dict[str, dict[str, int]]:
+    """What the centre knows of each virtual site: the tiles of its training and validation
+    ROIs, the most its replies may claim as ``num-examples``."""
+    from egcmf_model.data.dataset import RoiDataset
+
+    return {name: {stage: len(RoiDataset(split[key], classes, cfg.model.in_size))
+                   for stage, key in (("train", "train"), ("evaluate", "val"))}
+            for name, split in sites.items()}
 
 
 def faulty_sites(spec: str, names: list[str], seed: int) -> dict[str, str]:
@@ -107,11 +119,12 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "config.yaml").write_text(to_yaml(cfg))
     partitions = write_partitions(s.out / "partitions.json", source.classes, sites)
+    caps = site_caps(sites, source.classes, cfg)
     server = make_server_app({"run-dir": str(s.out), "num-rounds": s.rounds,
                               "min-sites": min(s.min_sites, len(sites)), "strategy": s.strategy,
                               "config-file": str(s.out / "config.yaml"),
-                              "sites": len(sites), "simulation": True,
-                              **dict(s.strategy_options)})
+                              "sites": len(sites), "simulation": True, "resume": s.resume,
+                              "site-caps": json.dumps(caps), **dict(s.strategy_options)})
     faults = faulty_sites(s.fault, sorted(sites), s.seed)
     if faults:
         log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))

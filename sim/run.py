@@ -42,10 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
     p.add_argument("--fault", metavar="KIND:COUNT",
                    help="COUNT sites (chosen by the seed) misbehave every round: "
-                        "nan, shape, scale (x1e6), dropout or inflate (a poisoned update at "
-                        "0.9x the norm limit, claiming 1e9 examples)")
+                        "nan, shape, scale (x1e6), dropout, inflate (a poisoned update at "
+                        "0.9x the norm limit, claiming 1e9 examples) or reverse (the same "
+                        "update with valid BatchNorm variances, claiming the site's true "
+                        "number of examples)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>); a new run "
+                                            "needs an empty or new folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the federated run in --out after its last checkpoint, with "
+                        "its configuration (only --rounds may grow)")
     p.add_argument("--config", type=Path, help="YAML config; flags override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client")
@@ -60,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _quiet_logging(args.verbose)
+    from fl_server.runfolder import given_options
+
+    args.given = given_options(parser, argv)  # a resumed run checks the flags stated again
     from egcmf_model.config import ConfigError
     from egcmf_model.data.io import DataError
     from sim.driver import run_from_args

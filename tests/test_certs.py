@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fl_client.cli import main as client_main
 from fl_common.files import atomic_write
 from fl_common.procs import free_port
-from fl_server.certs import make_certificates, site_public_keys
+from fl_server.certs import make_certificates, site_caps, site_public_keys
 from fl_server.cli import main as server_main
 
 
@@ -27,7 +27,7 @@ def _files(root: Path) -> set[str]:
 def _assert_modes(root: Path) -> None:
     for name in _files(root):
         mode = stat.S_IMODE((root / name).stat().st_mode)
-        public = name.endswith((".crt", ".pub"))
+        public = name.endswith((".crt", ".pub", ".json"))
         assert mode == (0o644 if public else 0o600), name
 
 
@@ -36,7 +36,8 @@ def test_layout_modes_and_sans(tmp_path: Path) -> None:
                         "--hostnames", "fl.example.org,10.1.2.3"]) == 0
     assert _files(tmp_path) == {"ca.crt", "ca.key", "server.crt", "server.key",
                                 "app-signing.crt", "app-signing.key", "sites/plagh",
-                                "sites/plagh.pub", "sites/siteB", "sites/siteB.pub"}
+                                "sites/plagh.pub", "sites/plagh.json", "sites/siteB",
+                                "sites/siteB.pub", "sites/siteB.json"}
     _assert_modes(tmp_path)
     cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -81,23 +82,28 @@ def test_hospitals_make_their_keys_and_the_centre_adds_them_without_touching_the
     assert key.curve.name == "secp384r1"
     before = {n: (centre / n).read_bytes() for n in _files(centre)}
     assert server_main(["certs", "--out", str(centre), "--add-site",
-                        str(plagh / "sites" / "plagh.pub")]) == 0
+                        str(plagh / "sites" / "plagh.pub")]) == 2
+    assert "--max-examples" in capsys.readouterr().err  # the centre must say what it knows
+    assert server_main(["certs", "--out", str(centre), "--add-site",
+                        str(plagh / "sites" / "plagh.pub"), "--max-examples", "40"]) == 0
     assert {n: (centre / n).read_bytes() for n in before} == before  # CA untouched
-    assert _files(centre) - set(before) == {"sites/plagh.pub"}
+    assert _files(centre) - set(before) == {"sites/plagh.pub", "sites/plagh.json"}
+    assert site_caps(centre) == {"plagh": 40}
     assert (centre / "sites" / "plagh.pub").read_bytes() == (
         plagh / "sites" / "plagh.pub").read_bytes()
     assert list(site_public_keys(centre)) == ["plagh"]
 
     # The same name twice, the same key under another name, and a file that is not a key.
     assert client_main(["keygen", "--site", "plagh", "--out", str(other)]) == 0
+    cap = ["--max-examples", "40"]
     assert server_main(["certs", "--out", str(centre), "--add-site",
-                        str(other / "sites" / "plagh.pub")]) == 2
+                        str(other / "sites" / "plagh.pub"), *cap]) == 2
     assert "already registered" in capsys.readouterr().err
     assert server_main(["certs", "--out", str(centre), "--add-site",
-                        str(plagh / "sites" / "plagh.pub"), "--name", "siteB"]) == 2
+                        str(plagh / "sites" / "plagh.pub"), "--name", "siteB", *cap]) == 2
     assert "already registered as site plagh" in capsys.readouterr().err
     assert server_main(["certs", "--out", str(centre), "--add-site",
-                        str(centre / "ca.crt"), "--name", "siteC"]) == 2
+                        str(centre / "ca.crt"), "--name", "siteC", *cap]) == 2
     assert "not an OpenSSH public key" in capsys.readouterr().err
     assert list(site_public_keys(centre)) == ["plagh"]
     # keygen never overwrites a hospital's key silently
@@ -105,6 +111,30 @@ def test_hospitals_make_their_keys_and_the_centre_adds_them_without_touching_the
     assert client_main(["keygen", "--site", "plagh", "--out", str(plagh)]) == 2
     assert "--force" in capsys.readouterr().err
     assert (plagh / "sites" / "plagh").read_bytes() == old
+
+
+def test_a_site_key_without_a_registered_cap_is_refused_at_start(tmp_path: Path,
+                                                                   capsys) -> None:
+    """The cap on a site's num-examples is the centre's record, never the site's claim: a key
+    registered without one (a folder from before caps) stops fl-server start before anything
+    runs, naming the site and the command that registers its cap."""
+    make_certificates(tmp_path / "certs", ["plagh", "siteB"])
+    (tmp_path / "certs" / "sites" / "siteB.json").unlink()
+    assert server_main(["start", "--certs", str(tmp_path / "certs"), "--address",
+                        f"127.0.0.1:{free_port()}", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "site(s) siteB" in err
+    assert "--add-site" in err
+    assert "--max-examples N --force" in err
+    assert not (tmp_path / "run").exists()
+    for bad in ("0", "-5"):
+        assert server_main(["certs", "--out", str(tmp_path / "certs"), "--add-site",
+                            str(tmp_path / "certs" / "sites" / "siteB.pub"), "--force",
+                            "--max-examples", bad]) == 2
+    assert server_main(["certs", "--out", str(tmp_path / "certs"), "--add-site",
+                        str(tmp_path / "certs" / "sites" / "siteB.pub"), "--force",
+                        "--max-examples", "12"]) == 0
+    assert site_caps(tmp_path / "certs") == {"plagh": 1000, "siteB": 12}
 
 
 def test_key_files_are_replaced_whole_or_not_at_all(tmp_path: Path,

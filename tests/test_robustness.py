@@ -10,25 +10,42 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
 
 from fl_client.faults import FAULTS, inject_fault
 from fl_server.strategy import STRATEGIES, StrategyOptions, make_strategy
-from fl_server.validation import validate_updates
+from fl_server.validation import UpdateRules, check_evaluations, check_updates
 from sim.run import main as sim_main
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+RULES = UpdateRules(max_ratio=10.0, floor=0.01)
+CAPS = dict.fromkeys(("a", "b", "c", "bad", "silent"), 4)
 
 
 def _state(seed: int = 0, scale: float = 1.0) -> OrderedDict:
     g = torch.Generator().manual_seed(seed)
     return OrderedDict([("conv.weight", torch.randn(4, 3, 3, 3, generator=g) * scale),
                         ("bn.running_mean", torch.zeros(4)),
+                        ("bn.running_var", torch.ones(4)),
                         ("bn.num_batches_tracked", torch.tensor(3))])
 
 
-def _reply(site: str, state: OrderedDict) -> Message:
+def _near(base: OrderedDict, seed: int, step: float = 0.01) -> OrderedDict:
+    """``base`` moved by a small random step: an honest site's update."""
+    noise = _state(seed)
+    return OrderedDict((k, v + step * noise[k].abs() if v.is_floating_point() else v)
+                       for k, v in base.items())
+
+
+def _train_metrics(**changes) -> dict:
+    return {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
+            "site-weight": 1, **changes}
+
+
+def _reply(site: str, state: OrderedDict, **metrics) -> Message:
     content = RecordDict({"arrays": ArrayRecord(state),
-                          "metrics": MetricRecord({"num-examples": 4}),
+                          "metrics": MetricRecord(_train_metrics(**metrics)),
                           "site": ConfigRecord({"name": site})})
     return Message(content=content, dst_node_id=1, message_type="train")
 
@@ -37,87 +54,240 @@ def _site(msg: Message) -> str:
     return str(msg.content["site"]["name"])
 
 
-def _check(bad: OrderedDict) -> list[str]:
-    reference = ArrayRecord(_state(0))
-    replies = [_reply("a", _state(1)), _reply("b", _state(2)), _reply("bad", bad)]
-    kept, rejected = validate_updates(replies, reference, _site, max_ratio=10.0)
-    assert [_site(m) for m in kept] == ["a", "b"]
-    assert [r.site for r in rejected] == ["bad"]
-    return [r.reason for r in rejected]
+def _check(replies: list[Message], reference: OrderedDict | None = None,
+           rules: UpdateRules = RULES):
+    return check_updates(replies, ArrayRecord(reference or _state(0)), _site, CAPS, rules, 3)
+
+
+def _only_bad_rejected(bad: Message) -> str:
+    base = _state(0)
+    checked = _check([_reply("a", _near(base, 1)), _reply("b", _near(base, 2)), bad], base)
+    assert [_site(m) for m in checked.kept] == ["a", "b"]
+    assert [r.site for r in checked.rejected] == ["bad"]
+    return checked.rejected[0].reason
 
 
 def test_healthy_updates_pass() -> None:
-    replies = [_reply(s, _state(i)) for i, s in enumerate("abc", start=1)]
-    kept, rejected = validate_updates(replies, ArrayRecord(_state(0)), _site, 10.0)
-    assert len(kept) == 3
-    assert rejected == []
+    base = _state(0)
+    checked = _check([_reply(s, _near(base, i)) for i, s in enumerate("abc", start=1)], base)
+    assert len(checked.kept) == 3
+    assert checked.rejected == []
 
 
 def test_wrong_number_of_arrays() -> None:
-    bad = _state(3)
+    bad = _near(_state(0), 3)
     del bad["bn.running_mean"]
-    assert "wrong arrays" in _check(bad)[0]
+    assert "wrong arrays" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_wrong_shape() -> None:
-    bad = _state(3)
+    bad = _near(_state(0), 3)
     bad["conv.weight"] = torch.randn(5, 3, 3, 3)
-    assert "shape" in _check(bad)[0]
+    assert "shape" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_wrong_dtype() -> None:
-    bad = _state(3)
+    bad = _near(_state(0), 3)
     bad["conv.weight"] = bad["conv.weight"].double()
-    assert "float64" in _check(bad)[0]
+    assert "float64" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_nan_or_inf() -> None:
-    bad = _state(3)
+    bad = _near(_state(0), 3)
     bad["bn.running_mean"][1] = float("inf")
-    assert "NaN or Inf" in _check(bad)[0]
+    assert "NaN or Inf" in _only_bad_rejected(_reply("bad", bad))
+
+
+def test_a_negative_batchnorm_variance_is_rejected() -> None:
+    """No honest BatchNorm has a negative running variance; an average of valid ones never
+    does, so a model with one can only come from a bad update (it makes evaluation NaN)."""
+    bad = _near(_state(0), 3)
+    bad["bn.running_var"][2] = -0.5
+    assert "negative variance" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_norm_far_outside_the_others() -> None:
-    assert "median of the others" in _check(_state(3, scale=1e4))[0]
+    base = _state(0)
+    bad = OrderedDict((k, v + 1.0 if v.is_floating_point() else v) for k, v in base.items())
+    assert "over the limit" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_missing_arrays() -> None:
     msg = _reply("bad", _state(3))
     del msg.content["arrays"]
-    kept, rejected = validate_updates([msg], ArrayRecord(_state(0)), _site, 10.0)
-    assert kept == []
-    assert "no arrays" in rejected[0].reason
+    checked = _check([msg])
+    assert checked.kept == []
+    assert "records" in checked.rejected[0].reason
+
+
+def test_each_reply_is_checked_as_a_whole_and_dropped_alone() -> None:
+    """Replies that Flower's aggregation cannot take (a second ArrayRecord, an extra or a
+    missing metric key, a list where a number belongs), or that our round would misread (a
+    MetricRecord under another name, a weight that is not 1) are each dropped with their
+    reason; the good ones are aggregated by Flower's own FedAvg, which the first four make
+    raise otherwise."""
+    base = _state(0)
+    good = [_reply("a", _near(base, 1)), _reply("b", _near(base, 2))]
+    second_array = _reply("bad", _near(base, 3))
+    second_array.content["more"] = ArrayRecord(_state(4))
+    extra_key = _reply("bad", _near(base, 3), accuracy_boost=1.0)
+    missing_key = _reply("bad", _near(base, 3))
+    missing_key.content["metrics"] = MetricRecord(
+        {k: v for k, v in _train_metrics().items() if k != "train_loss"})
+    a_list = _reply("bad", _near(base, 3), train_loss=[0.1, 0.2])
+    renamed = _reply("bad", _near(base, 3))
+    renamed.content["scores"] = renamed.content.pop("metrics")
+    heavier = _reply("bad", _near(base, 3), **{"site-weight": 1000})
+    for bad in (second_array, extra_key, missing_key, a_list):
+        with pytest.raises((InconsistentMessageReplies, TypeError)):
+            FedAvg().aggregate_train(1, [*good, bad])  # what one such reply did before
+    reasons = {name: _only_bad_rejected(bad) for name, bad in [
+        ("second array", second_array), ("extra key", extra_key), ("missing key", missing_key),
+        ("list", a_list), ("renamed", renamed), ("site weight", heavier)]}
+    assert "records" in reasons["second array"]
+    assert "unexpected ['accuracy_boost']" in reasons["extra key"]
+    assert "missing ['train_loss']" in reasons["missing key"]
+    assert "a list where a number belongs" in reasons["list"]
+    assert "records" in reasons["renamed"]
+    assert "site-weight" in reasons["site weight"]
+    arrays, _ = FedAvg().aggregate_train(1, _check([*good, extra_key], base).kept)
+    assert arrays is not None
+
+
+@pytest.mark.parametrize(("claim", "why"), [(10**9, "more than the 4"), (0, "not a positive"),
+                                            (-3, "not a positive"), (2.5, "not a positive")])
+def test_num_examples_is_a_positive_integer_within_the_sites_cap(claim, why: str) -> None:
+    """A site's own claim is no bound: the centre caps it at what it knows of that site (the
+    partition's tiles in a simulation, the cap registered with the site's key otherwise)."""
+    base = _state(0)
+    assert why in _only_bad_rejected(_reply("bad", _near(base, 3), **{"num-examples": claim}))
+    assert not _check([_reply("a", _near(base, 1), **{"num-examples": 4})], base).rejected
+
+
+def test_an_evaluation_reply_is_checked_too() -> None:
+    def evaluation(site: str, **changes) -> Message:
+        metrics = {"dice": 0.5, "miou": 0.4, "acc": 0.9, "loss": 0.3, "num-examples": 2,
+                   "confusion": [1] * 9, "site-weight": 1, **changes}
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+                                           "site": ConfigRecord({"name": site})}),
+                       dst_node_id=1, message_type="evaluate")
+
+    replies = [evaluation("a"), evaluation("b", confusion=[1] * 4),
+               evaluation("c", **{"num-examples": 50}), evaluation("bad", dice=[0.5]),
+               evaluation("silent", loss=float("nan"))]  # an honest site, a broken model
+    checked = check_evaluations(replies, _site, CAPS, num_classes=3)
+    assert [_site(m) for m in checked.kept] == ["a", "silent"]
+    reasons = {r.site: r.reason for r in checked.rejected}
+    assert "list of 9 counts" in reasons["b"]
+    assert "more than the 4" in reasons["c"]
+    assert "a list where a number belongs" in reasons["bad"]
+
+
+def test_one_silent_site_cannot_get_an_honest_update_rejected() -> None:
+    """The norm rule takes the median of all the round's updates, the site's own included:
+    with the median of the others, a silent site (0) next to one honest site would make the
+    honest update infinitely far above it."""
+    base = _state(0)
+    honest = _near(base, 1, step=0.5)
+    for others in (["silent"], ["silent", "a"]):
+        replies = [_reply("b", honest), *(_reply(s, base if s == "silent" else
+                                                 _near(base, 2, step=0.5)) for s in others)]
+        assert _check(replies, base).rejected == []
+
+
+def test_with_two_sites_the_norm_rule_rejects_nothing() -> None:
+    """As the README states: the median of two norms lies halfway to the larger, so an update
+    10x the other's is never over 10x the median; robust strategies need more sites too."""
+    base = _state(0)
+    huge = OrderedDict((k, v + 1e3 if v.is_floating_point() else v) for k, v in base.items())
+    assert _check([_reply("a", _near(base, 1)), _reply("bad", huge)], base).rejected == []
+    assert _check([_reply("bad", huge)], base).rejected == []  # one site: never checked
+
+
+def test_the_floor_keeps_a_round_of_tiny_updates_from_rejecting_a_normal_one() -> None:
+    base = _state(0)
+    tiny = [_reply(s, _near(base, i, step=1e-9)) for i, s in enumerate("ab", start=1)]
+    normal = _reply("c", _near(base, 3, step=1e-3))
+    assert _check([*tiny, normal], base, UpdateRules(10.0, floor=0.01)).rejected == []
+    assert _check([*tiny, normal], base, UpdateRules(10.0, floor=0.0)).rejected
+
+
+def test_weights_and_batchnorm_statistics_are_judged_apart() -> None:
+    """BatchNorm statistics move far more in a round than the weights; with one norm over
+    both, the weights could be stretched unseen. Each group has its own limit."""
+    base = _state(0)
+
+    def moved(seed: int, weights: float, stats: float) -> OrderedDict:
+        out = _near(base, seed, step=weights)
+        out["bn.running_mean"] = out["bn.running_mean"] + stats
+        return out
+
+    honest = [_reply(s, moved(i, 0.01, 5.0)) for i, s in enumerate("ab", start=1)]
+    stretched = _reply("bad", moved(3, 0.5, 5.0))  # weights 50x, statistics honest
+    checked = _check([*honest, stretched], base)
+    assert [r.site for r in checked.rejected] == ["bad"]
+    assert "of the weights" in checked.rejected[0].reason
+
+
+def test_norm_bounded_averaging_clips_each_update_to_the_median() -> None:
+    base = _state(0)
+    replies = [_reply("a", _near(base, 1, 0.01)), _reply("b", _near(base, 2, 0.02)),
+               _reply("c", _near(base, 3, 0.08))]
+    checked = _check(replies, base, UpdateRules(10.0, floor=0.0, clip=1.0))
+    median = sorted(n["weights"] for n in checked.norms.values())[1]
+    for msg in checked.kept:
+        sent = msg.content["arrays"].to_torch_state_dict()
+        step = (sent["conv.weight"] - base["conv.weight"]).double().norm().item()
+        assert step <= median * (1 + 1e-5)
+    kept = {_site(m): m.content["arrays"].to_torch_state_dict() for m in checked.kept}
+    torch.testing.assert_close(kept["a"]["conv.weight"], replies[0].content[
+        "arrays"].to_torch_state_dict()["conv.weight"])  # below the median: as sent
 
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "scale"])
 def test_each_corrupting_fault_is_rejected(kind: str) -> None:
-    assert _check(inject_fault(kind, _state(3)))
+    assert _only_bad_rejected(_reply("bad", inject_fault(kind, _near(_state(0), 3))))
 
 
 def test_dropout_fault_kills_the_site() -> None:
     with pytest.raises(RuntimeError, match="dropout"):
         inject_fault("dropout", _state(0))
-    assert FAULTS == ("nan", "shape", "scale", "dropout", "inflate")
+    assert FAULTS == ("nan", "shape", "scale", "dropout", "inflate", "reverse")
 
 
 def test_inflate_fault_passes_the_norm_rule_it_was_built_for() -> None:
     """The inflating site reverses its own update and stretches it to 0.9x the limit it expects
-    (its own update norm standing in for the others' median): an attack the norm rule lets
-    through whenever the sites' updates are alike, as they are in a federation."""
+    (its own update norm standing in for the median): an attack the norm rule lets through
+    whenever the sites' updates are alike, as they are in a federation. ``inflate`` then fails
+    on the variances it makes negative (and on its claim); ``reverse`` raises them to 0 and
+    passes every check, and norm-bounded averaging clips it to the median."""
     received = _state(0)
-    honest = {k: v + 0.01 * _state(i)[k] if v.is_floating_point() else v
-              for i, (k, v) in enumerate(received.items(), start=1)}
-    sent = inject_fault("inflate", honest, received, max_update_ratio=10.0)
-    step = honest["conv.weight"] - received["conv.weight"]
-    torch.testing.assert_close(sent["conv.weight"], received["conv.weight"] - 9.0 * step)
-    assert torch.equal(sent["bn.num_batches_tracked"], honest["bn.num_batches_tracked"])
-    others = [_reply(s, OrderedDict((k, v + 0.01 * _state(seed)[k]) if v.is_floating_point()
-                                    else (k, v) for k, v in received.items()))
-              for s, seed in (("a", 5), ("b", 6))]
-    kept, rejected = validate_updates([*others, _reply("bad", sent)], ArrayRecord(received),
-                                      _site, max_ratio=10.0)
-    assert not rejected
-    assert [_site(m) for m in kept] == ["a", "b", "bad"]
+
+    def trained(seed: int) -> OrderedDict:  # weights and variances both move, as in training
+        out = _near(received, seed)
+        out["bn.running_var"] = out["bn.running_var"] + 0.5 + 0.1 * seed
+        return out
+
+    honest = trained(1)
+    inflated = inject_fault("inflate", honest, received, max_update_ratio=10.0)
+    for name in ("conv.weight", "bn.running_var"):
+        torch.testing.assert_close(inflated[name], received[name] - 9.0 * (honest[name] -
+                                                                           received[name]))
+    assert torch.equal(inflated["bn.num_batches_tracked"], honest["bn.num_batches_tracked"])
+    reversed_ = inject_fault("reverse", honest, received, max_update_ratio=10.0)
+    torch.testing.assert_close(reversed_["conv.weight"], inflated["conv.weight"])
+    assert (inflated["bn.running_var"] < 0).all()
+    assert (reversed_["bn.running_var"] == 0).all()
+    others = [_reply(s, trained(seed)) for s, seed in (("a", 5), ("b", 6))]
+    checked = _check([*others, _reply("bad", inflated)], received)
+    assert "negative variance" in checked.rejected[0].reason
+    checked = _check([*others, _reply("bad", reversed_)], received,
+                     UpdateRules(10.0, floor=0.01, clip=1.0))
+    assert not checked.rejected
+    assert [_site(m) for m in checked.kept] == ["a", "b", "bad"]
+    clipped = checked.kept[2].content["arrays"].to_torch_state_dict()["conv.weight"]
+    assert (clipped - received["conv.weight"]).norm() < 0.2 * (
+        reversed_["conv.weight"] - received["conv.weight"]).norm()
     with pytest.raises(ValueError, match="max update ratio"):
         inject_fault("inflate", honest)
 

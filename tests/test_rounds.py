@@ -1,0 +1,170 @@
+"""The centre's round loop against sites that misbehave: every reply goes through Flower's own
+strategies on a stand-in Grid (the sites' replies are made here), so each outcome is exact."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from egcmf_model.config import load_config
+from fl_server.federation import make_strategy, run_round, strategy_options
+from fl_server.recorder import RunRecorder
+from fl_server.settings import FederationSettings
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+CLASSES = ("background", "in_situ", "invasive")
+Behaviour = Callable[[Message, str], Message]
+
+
+def _global() -> OrderedDict:
+    g = torch.Generator().manual_seed(0)
+    return OrderedDict([("conv.weight", torch.randn(4, 3, 3, 3, generator=g)),
+                        ("bn.running_mean", torch.zeros(4)), ("bn.running_var", torch.ones(4)),
+                        ("bn.num_batches_tracked", torch.tensor(3))])
+
+
+def honest(msg: Message, site: str, **metrics) -> Message:
+    """A site that trains (a small step of its own) or evaluates, and answers in the schema."""
+    if msg.metadata.message_type == "evaluate":
+        content = {"metrics": MetricRecord({
+            "dice": 0.5, "miou": 0.4, "acc": 0.9, "loss": 0.3, "num-examples": 2,
+            "confusion": [1] * 9, "site-weight": 1}), "site": ConfigRecord({"name": site})}
+        return Message(content=RecordDict(content), reply_to=msg)
+    received = msg.content["arrays"].to_torch_state_dict()
+    g = torch.Generator().manual_seed(sum(map(ord, site)))
+    state = OrderedDict((k, v + 0.01 * torch.rand(v.shape, generator=g)
+                         if v.is_floating_point() else v) for k, v in received.items())
+    train = {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
+             "site-weight": 1, **metrics}
+    content = {"arrays": ArrayRecord(state), "metrics": MetricRecord(train),
+               "site": ConfigRecord({"name": site})}
+    return Message(content=RecordDict(content), reply_to=msg)
+
+
+class Grid:
+    """Flower's Grid as a strategy and the round loop use it; node i is site ``site_<i>``."""
+
+    def __init__(self, behaviours: list[Behaviour]) -> None:
+        self.behaviours = dict(enumerate(behaviours, start=1))
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.behaviours)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        return [self.behaviours[m.metadata.dst_node_id](m, f"site_{m.metadata.dst_node_id}")
+                for m in messages]
+
+
+def _round(tmp_path: Path, behaviours: list[Behaviour], **settings):
+    caps = {f"site_{i}": {"train": 4, "evaluate": 2} for i in range(1, len(behaviours) + 1)}
+    s = FederationSettings(run_dir=str(tmp_path), sites=len(behaviours), simulation=True,
+                           site_caps=json.dumps(caps), **settings)
+    recorder = RunRecorder(tmp_path, load_config("tiny"), CLASSES)
+    strategy = make_strategy(strategy_options(s))
+    sent = ArrayRecord(_global())
+    new, line = run_round(Grid(behaviours), strategy, 1, sent, ConfigRecord({"x": 1}), s,
+                          recorder, CLASSES)
+    path = tmp_path / "events.jsonl"
+    events = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    changed = not torch.equal(new.to_torch_state_dict()["conv.weight"], _global()["conv.weight"])
+    return changed, line, events, strategy
+
+
+def test_a_malformed_reply_is_dropped_and_the_round_goes_on(tmp_path: Path) -> None:
+    """One site's extra metric key used to make Flower's aggregation raise and end the
+    ServerApp; now that reply alone is left out, with its reason in events.jsonl."""
+    def extra_key(msg: Message, site: str) -> Message:
+        return honest(msg, site, bonus=1.0)
+
+    changed, line, events, _ = _round(tmp_path, [honest, honest, extra_key])
+    assert changed
+    assert "train_loss" not in line["sites"]["site_3"]  # its update did not count
+    assert {"site_1", "site_2"} <= {s for s, v in line["sites"].items() if "train_loss" in v}
+    (rejected,) = [e for e in events if e["kind"] == "rejected"]
+    assert rejected["site"] == "site_3"
+    assert "unexpected ['bonus']" in rejected["message"]
+
+
+def test_a_site_claiming_more_examples_than_it_holds_is_left_out(tmp_path: Path) -> None:
+    def billion(msg: Message, site: str) -> Message:
+        return honest(msg, site, **{"num-examples": 10**9})
+
+    changed, line, events, _ = _round(tmp_path, [honest, honest, billion])
+    assert changed
+    assert "more than the 4 this site holds" in events[0]["message"]
+    assert "train_loss" not in line["sites"]["site_3"]
+
+
+def test_server_side_dp_logs_a_round_flower_skips(tmp_path: Path) -> None:
+    """Flower's server-side DP averages only complete rounds: with one update rejected it
+    skips the aggregation, which the centre records as such; no privacy is spent."""
+    def nan(msg: Message, site: str) -> Message:
+        reply = honest(msg, site)
+        if "arrays" not in reply.content:  # evaluation
+            return reply
+        state = reply.content["arrays"].to_torch_state_dict()
+        state["conv.weight"][0, 0, 0, 0] = float("nan")
+        reply.content["arrays"] = ArrayRecord(state)
+        return reply
+
+    dp = {"server_dp_noise": 1.0, "server_dp_clip": 1.0, "min_sites": 2}
+    changed, _, events, strategy = _round(tmp_path / "skipped", [honest, honest, nan], **dp)
+    assert not changed
+    (skipped,) = [e for e in events if e["kind"] == "server-dp-skipped"]
+    assert (skipped["valid"], skipped["sampled"]) == (2, 3)
+    assert strategy.accountant.num_releases == 0
+    changed, _, events, strategy = _round(tmp_path / "complete", [honest] * 3, **dp)
+    assert changed  # three sites, min-sites 2: all three sampled, counted and released
+    assert strategy.accountant.num_releases == 1
+    assert strategy.accountant.config.population_size == 3
+
+
+def test_too_few_updates_for_the_robust_strategy_is_logged(tmp_path: Path) -> None:
+    def malformed(msg: Message, site: str) -> Message:
+        return honest(msg, site, bonus=1.0)
+
+    changed, _, events, _ = _round(tmp_path, [honest] * 3 + [malformed] * 2,
+                                   strategy="krum", krum_f=1)
+    assert changed
+    (warning,) = [e for e in events if e["kind"] == "protection"]
+    assert "krum with --krum-f 1 needs at least 5 sites" in warning["message"]
+
+
+def test_an_unchanged_model_under_server_side_dp_does_not_end_the_run(tmp_path: Path) -> None:
+    """Flower 1.42's server-side clipping divides by the update's norm: a site that sends the
+    model back unchanged made the ServerApp raise ZeroDivisionError. The round is skipped and
+    logged instead."""
+    def unchanged(msg: Message, site: str) -> Message:
+        reply = honest(msg, site)
+        if "arrays" in reply.content:
+            reply.content["arrays"] = msg.content["arrays"]
+        return reply
+
+    dp = {"server_dp_noise": 1.0, "server_dp_clip": 1.0}
+    changed, _, events, strategy = _round(tmp_path, [honest, unchanged], **dp)
+    assert not changed
+    assert any("sent the global model back unchanged" in e["message"] for e in events)
+    assert strategy.accountant.num_releases == 0
+
+
+def test_server_side_dp_noise_never_leaves_a_negative_variance(tmp_path: Path) -> None:
+    """Noise on BatchNorm running variances can push them below 0, which makes every
+    evaluation NaN and every next update invalid; the centre raises them to 0 (post-processing,
+    no privacy spent)."""
+    import numpy as np
+
+    np.random.seed(0)
+    dp = {"server_dp_noise": 10.0, "server_dp_clip": 1.0}
+    s = FederationSettings(run_dir=str(tmp_path), sites=2, simulation=True, **dp)
+    recorder = RunRecorder(tmp_path, load_config("tiny"), CLASSES)
+    new, _ = run_round(Grid([honest, honest]), make_strategy(strategy_options(s)), 1,
+                       ArrayRecord(_global()), ConfigRecord({"x": 1}), s, recorder, CLASSES)
+    variance = new.to_torch_state_dict()["bn.running_var"]
+    assert (variance >= 0).all()
+    assert (variance == 0).any()  # the noise did push some below 0

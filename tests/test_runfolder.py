@@ -1,0 +1,153 @@
+"""Run folders are never silently mixed, and commands refuse settings that cannot protect:
+`fl-server start` (its federation replaced by a recorder of what it would submit) and
+`sim/run.py`, both stopped before anything starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from egcmf_model.config import load_config
+from egcmf_model.engine import build_model
+from fl_common.procs import free_port
+from fl_server.certs import make_certificates
+from fl_server.cli import main as server_main
+from fl_server.recorder import RunRecorder
+from sim.run import main as sim_main
+
+
+@pytest.fixture
+def started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Certificates for three sites; every fl-server start records its run config instead of
+    running a federation."""
+    make_certificates(tmp_path / "certs", ["siteA", "siteB", "siteC"])
+    runs: list[dict] = []
+
+    def record(opts):
+        runs.append(dict(opts.run_config))
+        return {"rounds": 0}
+
+    monkeypatch.setattr("fl_server.launcher.start_federation", record)
+    return runs
+
+
+def _start(tmp: Path, *flags: str) -> int:
+    return server_main(["start", "--certs", str(tmp / "certs"), "--address",
+                        f"127.0.0.1:{free_port()}", "--run-dir", str(tmp / "run"), *flags])
+
+
+def _checkpoint(run: Path, done: int) -> None:
+    """What the ServerApp leaves after round ``done``: the checkpoint with the configuration
+    and settings the run was started with."""
+    cfg = load_config(path=run / "config.yaml")
+    recorder = RunRecorder(run, cfg, tuple(cfg.data.classes))
+    recorder.settings = json.loads((run / "settings.json").read_text())["settings"]
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+    recorder.record_round(done, model, {"dice": 0.1, "sites": {}})
+
+
+def test_fl_server_start_refuses_a_non_empty_run_folder(tmp_path: Path, started: list,
+                                                        capsys) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert _start(tmp_path) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+    assert started == []
+
+
+def test_fl_server_start_passes_the_number_of_registered_sites(tmp_path: Path,
+                                                               started: list) -> None:
+    """Flower's server-side DP accounting needs the number of sites sampled in a round: the
+    registered hospitals (3), not --min-sites (2)."""
+    assert _start(tmp_path, "--min-sites", "2", "--server-dp-noise", "1.0") == 0
+    assert started[0]["sites"] == 3
+    assert started[0]["min-sites"] == 2
+
+
+def test_resume_keeps_the_checkpoints_configuration(tmp_path: Path, started: list,
+                                                    capsys) -> None:
+    """--resume reads the configuration and settings of the newest checkpoint: flags stated
+    again must agree, only --rounds may grow; the DP plan stays as planned."""
+    assert _start(tmp_path, "--rounds", "4", "--dp", "--set", "model.variant=unet",
+                  "--strategy", "fedprox") == 0
+    _checkpoint(tmp_path / "run", done=2)
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert _start(tmp_path, "--resume", "--set", "model.variant=full", "--strategy",
+                  "fedavg", "--rounds", "3") == 2
+    err = capsys.readouterr().err
+    for change in ("model.variant: 'unet' -> 'full'", "strategy: 'fedprox' -> 'fedavg'",
+                   "num-rounds: 4 -> 3"):
+        assert change in err
+    assert (tmp_path / "run" / "config.yaml").read_text() == config
+    assert len(started) == 1
+    assert _start(tmp_path, "--resume") == 0  # nothing stated: the checkpoint's run
+    assert (started[-1]["num-rounds"], started[-1]["strategy"]) == (4, "fedprox")
+    assert _start(tmp_path, "--resume", "--rounds", "8", "--dp", "--strategy", "fedprox") == 0
+    assert started[-1]["num-rounds"] == 8
+    resumed = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resumed["dp"]["planned_rounds"] == 4  # the DP plan keeps its rounds
+    assert resumed["model"]["variant"] == "unet"
+    assert torch.load(tmp_path / "run" / "round_002.pt", weights_only=True)["settings"][
+        "strategy"] == "fedprox"
+
+
+def test_fl_server_start_refuses_a_strategy_too_few_sites_can_serve(
+        tmp_path: Path, started: list, capsys) -> None:
+    for flags, needs in ((["--strategy", "krum", "--krum-f", "1"], "at least 5 sites"),
+                         (["--strategy", "trimmed-mean"], "at least 5 sites"),
+                         (["--strategy", "trimmed-mean", "--trim-fraction", "0.5"],
+                          "below 0.5")):
+        assert _start(tmp_path, *flags) == 2
+        assert needs in capsys.readouterr().err
+    assert _start(tmp_path, "--strategy", "trimmed-mean", "--trim-fraction", "0.34") == 0
+    assert started[0]["trim-fraction"] == 0.34
+
+
+def _sim(synth_root: Path, out: Path, *flags: str) -> int:
+    return sim_main(["--data", str(synth_root), "--dataset", "synthetic", "--out", str(out),
+                     *flags])
+
+
+def test_sim_refuses_a_non_empty_folder_and_changes_on_resume(tmp_path: Path, synth_root: Path,
+                                                              capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _sim(synth_root, out, "--clients", "2") == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert _sim(synth_root, tmp_path / "none", "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (out / "notes.txt").unlink()  # a run started, then stopped before its first round
+    (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(_config(synth_root))))
+    (out / "settings.json").write_text(json.dumps(
+        {"settings": {"num-rounds": 2, "strategy": "fedavg"}, "clients": 2, "fault": ""}))
+    assert _sim(synth_root, out, "--resume", "--clients", "3", "--seed", "5",
+                "--local-epochs", "4") == 2
+    err = capsys.readouterr().err
+    for change in ("clients: 2 -> 3", "train.seed: 0 -> 5", "train.epochs: 1 -> 4"):
+        assert change in err
+
+
+def _config(synth_root: Path) -> str:
+    from egcmf_model.config import to_yaml
+
+    return to_yaml(load_config(overrides=[f"data.root={synth_root}", "train.epochs=1",
+                                          "model.variant=unet"]))
+
+
+@pytest.mark.parametrize(("flags", "needs"), [
+    (["--strategy", "krum", "--clients", "4"], "needs at least 5 sites (n >= 2f + 3)"),
+    (["--strategy", "trimmed-mean", "--clients", "3"], "it needs at least 5 sites"),
+    (["--strategy", "fedmedian", "--clients", "2"], "only from 3 sites")])
+def test_sim_refuses_a_strategy_too_few_sites_can_serve(tmp_path: Path, synth_root: Path,
+                                                        capsys, flags, needs) -> None:
+    assert _sim(synth_root, tmp_path / "run", *flags) == 2
+    assert needs in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
