@@ -35,7 +35,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain data, never objects to unpickle
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or not {"config", "classes", "model"} <= set(payload):

@@ -16,6 +16,7 @@ from pathlib import Path
 from .commands import add_model_commands
 from .config import ConfigError, load_config
 from .data.io import DataError
+from .wsi.commands import add_wsi_commands
 
 log = logging.getLogger("egcmf")
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=_cmd_data_summary)
     add_model_commands(sub, _config_args)
+    add_wsi_commands(sub)
     return parser
 
 

@@ -69,7 +69,6 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     loss_fn: EGCMFLoss,
-    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
     progress: str | None = None,
     on_empty: Callable[[], None] | None = None,
 ) -> dict[str, float]:
@@ -91,8 +90,6 @@ def train_epoch(
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = loss_fn(forward(model, batch), batch)
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
         loss.backward()
         optimizer.step()
         n = batch["he"].shape[0]

@@ -73,7 +73,8 @@ def _pad_white(image: np.ndarray, tile: int) -> np.ndarray:
 
 def predict_files(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path: Path | None,
                   out: Path, device: torch.device) -> dict[str, Any]:
-    """Write ``mask.png``, ``overlay.png``, ``heatmap.png`` and ``region.json`` into ``out``."""
+    """Write ``mask.png``, ``overlay.png``, ``heatmap.png``, ``region.json`` and
+    ``prediction.geojson`` (QuPath annotations in the ROI's pixels) into ``out``."""
     he = read_rgb(he_path)
     ck = read_rgb(ck_path) if ck_path is not None else None
     if ck is None and model.cfg.variant in ("mrfm+edm", "full"):
@@ -94,4 +95,8 @@ def predict_files(model: EGCMF, classes: tuple[str, ...], he_path: Path, ck_path
               "order": "y0, x0, y1, x1 (end-exclusive)", "tiles": result["boxes"],
               "classes": list(classes)}
     (out / "region.json").write_text(json.dumps(region, indent=2))
+    from .wsi.annotations import write_mask_geojson  # shapely is loaded only here
+    from .wsi.tiling import HIGH_MPP
+
+    write_mask_geojson(out / "prediction.geojson", result["labels"], classes, mpp=HIGH_MPP)
     return region

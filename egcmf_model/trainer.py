@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_model, save_checkpoint
 from .config import Config
 from .data.dataset import RoiDataset
+from .data.io import DataError
 from .data.source import DataSource, RoiRecord, open_source
 from .engine import build_model, evaluate, pick_device, seed_everything, train_epoch
 from .losses import EGCMFLoss
@@ -28,7 +29,7 @@ def make_loader(records: Sequence[RoiRecord], classes: tuple[str, ...], cfg: Con
                          edge_band=cfg.loss.edge_band, augment=train and cfg.data.augment,
                          stain_jitter=cfg.data.stain_jitter, seed=cfg.train.seed)
     if not len(dataset):
-        raise ValueError(f"no usable ROI for {'training' if train else 'evaluation'}")
+        raise DataError(f"no usable ROI for {'training' if train else 'evaluation'}")
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=train,
                       generator=generator, num_workers=cfg.train.num_workers,
                       drop_last=train and len(dataset) > cfg.train.batch_size)

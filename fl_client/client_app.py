@@ -1,13 +1,14 @@
 """The hospital's ClientApp: unpack the Message, call a plain function, pack the reply.
 
 Replies hold the model weights, scalar metrics (with ``num-examples``) and the site's name:
-never an image, a mask, a path or an ROI id.
+never an image, a mask, a path or an ROI id; a failure's reply holds only its class.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
@@ -25,57 +25,83 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from egcmf_model.config import Config, from_dict
-from egcmf_model.data.source import cache_dir
 from egcmf_model.engine import build_model, pick_device
 
-from .faults import inject_fault
+from .failures import PRIVACY_BUDGET_SPENT, public_error
+from .faults import INFLATED_EXAMPLES, inject_fault
 from .fedbn import restore_local_norms, save_local_norms
-from .privacy import BudgetExhausted, PrivacyLedger
-from .site import SiteData, resolve_site
+from .privacy import PrivacyLedger
+from .site import IncompatibleFederation, SiteData, resolve_site
+from .state import default_state_dir
 from .train import local_evaluate, local_train, round_seed
 
 log = logging.getLogger(__name__)
-PRIVACY_BUDGET_SPENT = 100  # error code of a training reply refused for the privacy budget
+__all__ = ["PRIVACY_BUDGET_SPENT", "app", "make_client_app"]
 
 
 def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
-    """The ClientApp; ``defaults`` (simulation only) point at the partition file and name the
-    sites that misbehave on purpose (``faults``: site -> kind, for fault-injection runs)."""
+    """The ClientApp. Only a simulation passes ``defaults``: the partition file, ``simulation``
+    (DP-SGD's sampling and noise then follow the seed), and the sites that misbehave on purpose
+    (``faults``: site -> kind, with the centre's ``max-update-ratio`` for ``inflate``). The
+    deployment's ``app`` has none: its DP noise draws from the operating system's entropy."""
     app = ClientApp()
     fixed = dict(defaults or {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, site, model, device = _setup(msg, context, fixed)
-        options = msg.content["config"]
-        seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
-        mu = float(options.get("proximal-mu", 0.0))
-        state = _state_dir(context, fixed) / site.name
-        try:
-            metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
-                                  PrivacyLedger(state / "privacy.json"), site.name)
-        except BudgetExhausted as exc:  # a refusal, not a crash: one line in the server's log
-            log.warning("%s", exc)
-            return Message(error=Error(PRIVACY_BUDGET_SPENT, str(exc)), reply_to=msg)
-        if cfg.train.keep_norm_local:
-            save_local_norms(model, _norms_file(state, options))
-        weights = inject_fault(fixed.get("faults", {}).get(site.name), model.state_dict())
-        return _reply(msg, site, metrics, ArrayRecord(weights))
+        return _answer(msg, context, "training", lambda: _train(msg, context, fixed))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, site, model, device = _setup(msg, context, fixed)
-        if fixed.get("faults", {}).get(site.name) == "dropout":
-            inject_fault("dropout", {})
-        return _reply(msg, site, local_evaluate(model, site.val, site.classes, cfg, device))
+        return _answer(msg, context, "evaluation", lambda: _evaluate(msg, context, fixed))
 
     return app
 
 
+def _answer(msg: Message, context: Context, stage: str, work: Callable[[], Message]
+            ) -> Message:
+    """``work()``'s reply; a failure becomes an error reply that says only its class."""
+    try:
+        return work()
+    except Exception as exc:  # the centre learns the class of failure; the detail stays here
+        site = str(dict(context.node_config).get("site", ""))
+        return Message(error=public_error(exc, stage, site), reply_to=msg)
+
+
+def _train(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
+    cfg, site, model, device = _setup(msg, context, fixed)
+    options = msg.content["config"]
+    seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
+    mu = float(options.get("proximal-mu", 0.0))
+    state = _state_dir(context, fixed) / site.name
+    metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
+                          PrivacyLedger(state / "privacy.json"), site.name,
+                          dp_seeded=bool(fixed.get("simulation")))
+    if cfg.train.keep_norm_local:
+        save_local_norms(model, _norms_file(state, options))
+    weights = model.state_dict()
+    fault = fixed.get("faults", {}).get(site.name)
+    if fault is not None:
+        weights = inject_fault(fault, weights, msg.content["arrays"].to_torch_state_dict(),
+                               float(fixed.get("max-update-ratio", 0.0)))
+        if fault == "inflate":
+            metrics["num-examples"] = INFLATED_EXAMPLES
+    return _reply(msg, site, metrics, ArrayRecord(weights))
+
+
+def _evaluate(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
+    cfg, site, model, device = _setup(msg, context, fixed)
+    if fixed.get("faults", {}).get(site.name) == "dropout":
+        inject_fault("dropout", {})
+    return _reply(msg, site, local_evaluate(model, site.val, site.classes, cfg, device))
+
+
 def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
-    """Where this site keeps what must outlive a run (its privacy ledger, FedBN's layers)."""
+    """Where this site keeps what must outlive a run (its privacy ledger, FedBN's layers):
+    ``fl-client --state-dir``, the simulation's run folder, or the default state folder;
+    never a cache."""
     node = dict(context.node_config)
-    default = cache_dir() / "sites"
+    default = default_state_dir()
     return Path(str(node.get("state-dir", defaults.get("state-dir", default))))
 
 
@@ -103,8 +129,8 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
     cfg = _site_privacy(cfg, node)
     site = resolve_site(node, defaults)
     if tuple(cfg.data.classes) != site.classes:
-        raise ValueError(f"site {site.name}: classes {list(site.classes)} differ from the "
-                         f"federation's {list(cfg.data.classes)}")
+        raise IncompatibleFederation(f"site {site.name}: classes {list(site.classes)} differ "
+                                     f"from the federation's {list(cfg.data.classes)}")
     device = pick_device(str(node.get("device", defaults.get("device", "auto"))))
     torch.set_num_threads(int(defaults.get("threads", torch.get_num_threads())))
     model = build_model(cfg.model, site.classes)

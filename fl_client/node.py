@@ -1,69 +1,67 @@
-"""Join a federation: check the site folder and the server, then run Flower's SuperNode.
+"""Join a federation: check the site folder and the server, then run the SuperNode and our runner.
 
 Every failure a hospital's IT team meets is one line saying what to do, never a traceback:
 an invalid site folder, an unreachable server (retried up to ``max_wait``), a server whose
 certificate our CA did not sign (not retried), a site key the server has not registered.
+
+Flower's SuperNode (``--isolation process``) talks to the centre; :mod:`fl_client.runner`
+answers its tasks. This module supervises both and decides when the site's work is over, from
+the run's state, never from a log line: the federation is over once this site has answered the
+last round and the centre's run is finished (Flower's Fleet API says so) or the centre is gone.
+Anything else (a centre that restarts, with ``fl-server start --resume``, a new SuperLink and a
+new run) is waited for, up to ``max_wait`` seconds after the last contact with the centre.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import socket
-import ssl
+import secrets
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from egcmf_model.data.sites import check_site, load_site_meta
-from egcmf_model.data.source import cache_dir
-from egcmf_model.procs import flower_env, flower_executable, free_port, supervised
+from fl_common.address import Address, check_insecure, parse_address
+from fl_common.files import atomic_write, private_dir
+from fl_common.procs import Children, flower_env, flower_executable, free_port, supervised
+
+from .centre import Centre, RunState, tls_reachable
+from .options import JoinError, JoinOptions
+from .runner import read_status
+from .state import site_state_dir
 
 log = logging.getLogger("fl-client")
-NOT_REGISTERED = "Failed to activate SuperNode"
 NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
-LOST = "Giving up reconnection"  # the SuperNode logs this after --max-wait-time, then hangs
-
-
-class JoinError(RuntimeError):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class JoinOptions:
-    site: str
-    server: str = "127.0.0.1:8000"
-    data: Path = Path("data")
-    certs: Path = Path("certs")
-    device: str = "auto"
-    max_wait: float = 300.0
-    insecure: bool = False
-    dp: bool = False  # DP-SGD at this site, with its own budget
-    epsilon: float = 8.0
-    delta: float = 1e-5
+CONNECTED = "SuperNode ID"
+POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
 
 
 def join(opts: JoinOptions) -> None:
-    host, port = _split(opts.server)
+    try:
+        server = parse_address(opts.server, "--server")
+    except ValueError as exc:
+        raise JoinError(str(exc), 2) from exc
     _check_site(opts)
     if opts.insecure:
-        log.warning("INSECURE: no TLS; the model's weights cross the network in clear text")
+        try:
+            check_insecure(server, "centre")
+        except ValueError as exc:
+            raise JoinError(str(exc), 2) from exc
     else:
-        for needed in (opts.certs / "ca.crt", opts.certs / "sites" / opts.site):
+        for needed in (opts.certs / "ca.crt", opts.key):
             if not needed.exists():
-                raise JoinError(f"{needed} is missing: ask the coordinating centre for ca.crt "
-                                f"and this site's key pair (fl-server certs)", 2)
-    wait_for_server(host, port, None if opts.insecure else opts.certs / "ca.crt", opts.max_wait)
-    _run_supernode(opts, host, port)
-
-
-def _split(server: str) -> tuple[str, int]:
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit():
-        raise JoinError(f"--server {server!r} must be HOST:PORT", 2)
-    return host.strip("[]"), int(port)
+                raise JoinError(f"{needed} is missing: make this site's key with fl-client "
+                                f"keygen --site {opts.site} --out {opts.certs}, send "
+                                f"sites/{opts.site}.pub to the coordinating centre, and put "
+                                "the centre's ca.crt beside it", 2)
+    try:
+        state = site_state_dir(opts.state_dir, opts.site)
+    except ValueError as exc:
+        raise JoinError(str(exc), 2) from exc
+    wait_for_server(server, opts.ca, opts.max_wait)
+    with supervised() as children:
+        Session(opts, server, state, children).run()
 
 
 def _check_site(opts: JoinOptions) -> None:
@@ -77,91 +75,133 @@ def _check_site(opts: JoinOptions) -> None:
                     name, opts.site)
 
 
-def wait_for_server(host: str, port: int, ca: Path | None, max_wait: float) -> None:
+def wait_for_server(server: Address, ca: Path | None, max_wait: float) -> None:
     """Return once a (TLS) connection succeeds; retry while unreachable; fail fast on trust."""
-    deadline, delay = time.monotonic() + max_wait, 1.0
-    context = None
-    if ca is not None:
-        context = ssl.create_default_context(cafile=str(ca))
+    deadline, delay = time.monotonic() + max_wait, 0.5
     while True:
         try:
-            with socket.create_connection((host, port), timeout=10) as sock:
-                if context is not None:
-                    with context.wrap_socket(sock, server_hostname=host):
-                        pass
+            tls_reachable(server, ca)
             return
-        except ssl.SSLCertVerificationError as exc:
-            raise JoinError(f"the server {host}:{port} is not trusted: its certificate is not "
-                            f"signed by {ca} ({exc.verify_message}); check --certs", 4) from exc
+        except PermissionError as exc:
+            raise JoinError(f"the server {server} is not trusted: {exc}; check --certs", 4) \
+                from exc
         except OSError as exc:
             if time.monotonic() + delay > deadline:
-                raise JoinError(f"the server {host}:{port} is unreachable after {max_wait:.0f}s "
+                raise JoinError(f"the server {server} is unreachable after {max_wait:.0f}s "
                                 f"({exc.strerror or exc}); is fl-server start running?", 3) \
                     from exc
-            log.info("server %s:%d not reachable yet (%s); retrying", host, port,
-                     exc.strerror or exc)
+            log.info("server %s not reachable yet (%s); retrying", server, exc.strerror or exc)
             time.sleep(delay)
             delay = min(delay * 1.5, 10.0)
 
 
-def _run_supernode(opts: JoinOptions, host: str, port: int) -> None:
-    """Run the SuperNode; while the server has not registered this site's key yet (it does so
-    just after it starts), try again until ``max_wait`` has passed."""
-    deadline = time.monotonic() + opts.max_wait
-    while True:
-        with supervised() as children:
-            outcome = _watch(children, opts, host, port)
-        if outcome != NOT_REGISTERED:
-            return
-        if time.monotonic() > deadline:
-            raise JoinError(f"site {opts.site} is not registered at the server: the "
-                            f"coordinating centre must register sites/{opts.site}.pub "
-                            "(fl-server start registers the keys in its --certs)", 5)
-        log.info("the server has not accepted site %s yet (its key is not registered yet, or "
-                 "this site's previous connection has not timed out, up to a minute); retrying",
-                 opts.site)
-        time.sleep(3.0)
+class Session:
+    """The SuperNode and the runner of one ``fl-client``, until the federation is over."""
 
+    def __init__(self, opts: JoinOptions, server: Address, state: Path,
+                 children: Children) -> None:
+        self.opts, self.server, self.children = opts, server, children
+        self.logs = private_dir(state / "logs", "--state-dir")
+        runtime = private_dir(state / "runtime", "--state-dir")
+        self.secret, self.status_file = runtime / "secret", runtime / "status.json"
+        atomic_write(self.secret, secrets.token_bytes(32), private=True)  # new every start
+        self.status_file.unlink(missing_ok=True)
+        self.port, self.starts = free_port(), 0
+        self.node_config = {"site": opts.site, "data": str(opts.data.resolve()),
+                            "device": opts.device, "state-dir": str(opts.state_dir.resolve())}
+        if opts.dp:
+            self.node_config.update({"dp": True, "dp-epsilon": opts.epsilon,
+                                     "dp-delta": opts.delta})
+        self.centre = Centre(server, opts.ca, None if opts.insecure else opts.key)
 
-def _supernode_args(opts: JoinOptions, host: str, port: int) -> list[str]:
-    state = cache_dir() / "sites"
-    node_config = (f"site='{opts.site}' data='{opts.data.resolve()}' device='{opts.device}' "
-                   f"state-dir='{state}'")
-    if opts.dp:
-        node_config += f" dp=true dp-epsilon={opts.epsilon!r} dp-delta={opts.delta!r}"
-    args = [flower_executable("flower-supernode"), "--superlink", f"{host}:{port}",
-            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port()),
-            "--max-wait-time", str(opts.max_wait)]
-    if opts.insecure:
-        return [*args, "--insecure"]
-    return [*args, "--root-certificates", str(opts.certs / "ca.crt"),
-            "--auth-supernode-private-key", str(opts.certs / "sites" / opts.site)]
+    def run(self) -> None:
+        self.runner, self.supernode = self._start_runner(), self._start_supernode()
+        self.last_contact = self.last_probe = self.unaccepted_since = time.monotonic()
+        self.connected, self.announced = False, False
+        while not self._step():
+            time.sleep(POLL)
 
+    def _step(self) -> bool:
+        """One look at the node, the runner and the centre; True once the federation is over."""
+        self._read_node_log()
+        if self.runner.poll() is not None:
+            raise JoinError(f"the site's runner stopped (code {self.runner.returncode}); see "
+                            "the lines above", 6)
+        now = time.monotonic()
+        if now - self.last_probe >= PROBE_EVERY:
+            self.last_probe = now
+            if self._federation_over(now):
+                return True
+        if now - self.last_contact > self.opts.max_wait:
+            raise JoinError(f"no contact with the centre {self.server} for "
+                            f"{now - self.last_contact:.0f}s (--max-wait "
+                            f"{self.opts.max_wait:.0f}); stopping. Start fl-client again when "
+                            "the centre is back", 3)
+        if self.supernode.poll() is not None:
+            self._restart_node(now)
+        return False
 
-def _watch(children, opts: JoinOptions, host: str, port: int) -> str:
-    """Follow one SuperNode's log until it ends; returns NOT_REGISTERED, LOST or "done"."""
-    logs = cache_dir() / "logs"
-    log_file = logs / f"supernode-{opts.site}-{os.getpid()}.log"
-    proc = children.start("supernode", _supernode_args(opts, host, port), log_file,
-                          flower_env())
-    log.debug("SuperNode for site %s started; log %s", opts.site, log_file)
-    seen, announced = log_file.stat().st_size if log_file.exists() else 0, False
-    while True:
-        text = log_file.read_text(errors="replace")[seen:] if log_file.exists() else ""
-        if NOT_REGISTERED in text:
-            return NOT_REGISTERED
+    def _read_node_log(self) -> None:
+        text = self.log_file.read_text(errors="replace")[self.seen:] \
+            if self.log_file.exists() else ""
+        self.seen += len(text)
         if NOT_TRUSTED in text:
-            raise JoinError(f"the server {host}:{port} is not trusted by {opts.certs}/ca.crt", 4)
-        if not announced and "SuperNode ID" in text:
-            log.info("connected to %s:%d as site %s; waiting for rounds (log %s)", host, port,
-                     opts.site, log_file)
-            announced = True
-        if announced and LOST in text:
-            log.info("the server has closed the federation; stopping this site's node")
-            return LOST
-        if proc.poll() is not None:
-            if proc.returncode:
-                raise JoinError(f"the SuperNode stopped (code {proc.returncode}); see {log_file}",
-                                6)
-            return "done"
-        time.sleep(0.5)
+            raise JoinError(f"the server {self.server} is not trusted by {self.opts.ca}", 4)
+        if CONNECTED in text:
+            self.connected, self.announced = True, False
+            log.info("connected to %s as site %s; waiting for rounds (log %s)", self.server,
+                     self.opts.site, self.log_file)
+
+    def _federation_over(self, now: float) -> bool:
+        """Over once this site answered the last round and the run is finished or the centre
+        gone; any answer from the centre counts as contact."""
+        status = read_status(self.status_file)
+        state = self.centre.probe(status)
+        if state is not RunState.UNREACHABLE:
+            self.last_contact = now
+        if status.get("final") and state in (RunState.FINISHED, RunState.UNREACHABLE):
+            log.info("the centre has closed the federation (run %s done); stopping this "
+                     "site's node", status["run_id"])
+            return True
+        return False
+
+    def _restart_node(self, now: float) -> None:
+        """The SuperNode stopped: the centre restarted (it no longer knows the node), or the key
+        is not accepted yet (registration comes just after the centre starts)."""
+        if self.connected:
+            log.info("the centre no longer knows this node (it restarted?); reconnecting")
+            self.unaccepted_since = now
+        elif now - self.unaccepted_since > self.opts.max_wait:
+            raise JoinError(f"site {self.opts.site} is not registered at the server: the "
+                            f"coordinating centre must add sites/{self.opts.site}.pub "
+                            "(fl-server certs --add-site) and restart", 5)
+        elif not self.announced:
+            log.info("the server has not accepted site %s yet (its key is not registered yet, "
+                     "or this site's previous connection has not timed out, up to a minute); "
+                     "retrying", self.opts.site)
+            self.announced = True
+        self.connected = False
+        time.sleep(RESTART_DELAY)
+        self.supernode = self._start_supernode()
+
+    def _start_runner(self):
+        args = [sys.executable, "-m", "fl_client.runner", "--runtime", f"127.0.0.1:{self.port}",
+                "--secret-file", str(self.secret), "--status-file", str(self.status_file),
+                "--node-config", json.dumps(self.node_config)]
+        if self.opts.ca is not None:
+            args += ["--ca", str(self.opts.ca)]
+        return self.children.start("runner", args, None, flower_env())
+
+    def _start_supernode(self):
+        args = [flower_executable("flower-supernode"), "--superlink", str(self.server),
+                "--isolation", "process", "--superexec-auth-secret-file", str(self.secret),
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.opts.insecure:
+            args.append("--insecure")
+        else:
+            args += ["--root-certificates", str(self.opts.ca),
+                     "--auth-supernode-private-key", str(self.opts.key)]
+        self.starts += 1
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.log_file, self.seen = self.logs / f"supernode-{stamp}-{self.starts}.log", 0
+        return self.children.start("supernode", args, self.log_file, flower_env())

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
@@ -23,6 +25,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
 from egcmf_model.config import PrivacyConfig
+
+from .site import IncompatibleFederation
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,9 @@ def check_compatible(model: torch.nn.Module) -> None:
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        raise ValueError(f"the federation's model is not DP-SGD compatible ({errors[0]}); the "
-                         "centre must use GroupNorm: --set model.norm=group (fl-server --dp)")
+        raise IncompatibleFederation(
+            f"the federation's model is not DP-SGD compatible ({errors[0]}); the centre must "
+            "use GroupNorm: --set model.norm=group (fl-server --dp)")
 
 
 class EmptyAsNone:
@@ -88,6 +93,23 @@ def noise_only_step(optimizer: DPOptimizer) -> Callable[[], None]:
     return step
 
 
+def dp_generators(seed: int | None, device: torch.device
+                  ) -> tuple[torch.Generator, torch.Generator]:
+    """DP-SGD's two sources of randomness, separate: Poisson sampling's generator (on the CPU,
+    where Opacus draws the batches) and the noise's (on the model's device).
+
+    ``seed`` None, a deployment: each is seeded with 64 bits of the operating system's entropy,
+    so nobody who knows the federation's seed (the centre sends it) can replay the noise and
+    subtract it. An int, a simulation: both derive from it, and the run is reproducible.
+    """
+    if seed is None:
+        seeds = [secrets.randbits(64), secrets.randbits(64)]
+    else:
+        seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(2, np.uint64)]
+    return (torch.Generator().manual_seed(seeds[0]),
+            torch.Generator(device=device).manual_seed(seeds[1]))
+
+
 def plan(dp: PrivacyConfig, sample_rate: float, steps: int) -> float:
     """Noise multiplier: as configured, or calibrated to reach epsilon after planned rounds."""
     if dp.noise_multiplier > 0:
@@ -98,8 +120,11 @@ def plan(dp: PrivacyConfig, sample_rate: float, steps: int) -> float:
 
 
 def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLedger,
-                 epochs: int, site: str):
-    """Opacus-wrapped (model, optimizer, loader) and the engine, after the budget check."""
+                 epochs: int, site: str, noise: torch.Generator):
+    """Opacus-wrapped (model, optimizer, loader) and the engine, after the budget check.
+
+    Poisson sampling draws from ``loader.generator``, the noise from ``noise`` (both from
+    :func:`dp_generators`)."""
     check_compatible(model)
     sample_rate = 1 / len(loader)  # as Opacus defines it for its Poisson-sampled loader
     steps = epochs * len(loader)
@@ -113,7 +138,8 @@ def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLed
     engine.accountant.history = list(ledger.history)
     module, optimizer, poisson = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
+        max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
+        noise_generator=noise)
     # Opacus builds an empty batch from the first batch's structure, which fails on our ROI ids
     # (strings) and when the very first batch is empty; we mark empty batches ourselves.
     poisson.collate_fn = EmptyAsNone(loader.collate_fn)

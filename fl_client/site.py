@@ -13,6 +13,10 @@ from egcmf_model.data.source import RoiRecord, open_sites
 log = logging.getLogger(__name__)
 
 
+class IncompatibleFederation(ValueError):
+    """The federation's configuration or model does not fit this site."""
+
+
 @dataclass(frozen=True)
 class SiteData:
     name: str

@@ -19,7 +19,7 @@ from egcmf_model.engine import evaluate, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
-from .privacy import PrivacyLedger, make_private, noise_only_step
+from .privacy import PrivacyLedger, dp_generators, make_private, noise_only_step
 
 log = logging.getLogger(__name__)
 NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
@@ -33,33 +33,40 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
 
 def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],
                 cfg: Config, device: torch.device, seed: int, proximal_mu: float = 0.0,
-                ledger: PrivacyLedger | None = None, site: str = "") -> dict[str, float]:
+                ledger: PrivacyLedger | None = None, site: str = "",
+                dp_seeded: bool = False) -> dict[str, float]:
     """``cfg.train.epochs`` local epochs of Adam on ``records``; mean loss and ``num-examples``.
 
-    With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is trained.
+    ``seed`` drives shuffling and augmentation. Under DP-SGD (``cfg.dp.enabled``) the loss is
+    per sample, and Poisson sampling and noise draw from the OS's entropy unless ``dp_seeded``
+    (simulations only: then they follow ``seed``). With ``cfg.train.skip`` (benchmarks of the
+    federation's own cost) nothing is trained.
     """
     if cfg.train.skip:
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
                 "epsilon": NO_DP, "site-weight": 1}
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
-    cfg_seeded = _with_seed(cfg, seed)
-    loader = make_loader(records, classes, cfg_seeded, train=True, generator=generator)
+    noise = None
+    if cfg.dp.enabled:
+        generator, noise = dp_generators(seed if dp_seeded else None, device)
+    loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
+                         generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
-    loss_fn = EGCMFLoss(cfg.loss.gamma)
+    if proximal_mu > 0:
+        add_proximal_term(optimizer, proximal_mu)
+    loss_fn = training_loss(cfg)
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
     examples, trained, engine, on_empty = len(loader.dataset), model, None, None
     if cfg.dp.enabled:
         if ledger is None:
             raise ValueError("DP-SGD needs a privacy ledger (the site's state folder)")
         trained, optimizer, loader, engine = make_private(model, optimizer, loader, cfg.dp,
-                                                          ledger, cfg.train.epochs, site)
+                                                          ledger, cfg.train.epochs, site, noise)
         on_empty = noise_only_step(optimizer)
     for _ in range(cfg.train.epochs):
-        stats = train_epoch(trained, loader, optimizer, device, loss_fn, extra_loss=extra,
-                            on_empty=on_empty)
+        stats = train_epoch(trained, loader, optimizer, device, loss_fn, on_empty=on_empty)
     epsilon = NO_DP
     if engine is not None:
         ledger.save(engine.accountant.history)
@@ -71,14 +78,28 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
             "site-weight": 1}  # for aggregations that count sites, not tiles
 
 
-def proximal_term(model: torch.nn.Module, mu: float):
-    """FedProx: (mu / 2) * ||w - w_global||^2, with w_global the weights received this round."""
-    anchor = [p.detach().clone() for p in model.parameters()]
+def training_loss(cfg: Config) -> EGCMFLoss:
+    """Per sample under DP-SGD, so that no sample's gradient depends on another's."""
+    return EGCMFLoss(cfg.loss.gamma, per_sample=cfg.dp.enabled)
 
-    def term(m: torch.nn.Module) -> torch.Tensor:
-        return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(m.parameters(), anchor,
-                                                                     strict=True))
-    return term
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> None:
+    """FedProx: the gradient of (mu / 2) * ||w - w_global||^2, i.e. mu * (w - w_global), with
+    w_global the weights received this round, added to every gradient just before each step.
+
+    Under DP-SGD the step comes after clipping and noise: the term depends on the weights alone,
+    never on a sample, so adding it is post-processing and spends no privacy. (Added to the loss
+    instead, it would be lost: Opacus rebuilds the gradient from per-sample gradients.)
+    """
+    anchors = {p: p.detach().clone() for group in optimizer.param_groups
+               for p in group["params"]}
+
+    def pull_towards_global(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, anchor in anchors.items():
+            if p.grad is not None:
+                p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(pull_towards_global)
 
 
 def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tuple[str, ...],

@@ -1,7 +1,8 @@
 """`fl-server`: the coordinating centre's commands. Thin: parse, then call a library function.
 
-    fl-server certs --out certs/ --sites plagh,siteB --hostnames fl.example.org
-    fl-server start --rounds 10 --min-sites 2 --certs certs/ --run-dir runs/fed1
+    fl-server certs --out certs/ --hostnames fl.example.org
+    fl-server certs --out certs/ --add-site plagh.pub
+    fl-server start --certs certs/ --address 0.0.0.0:8000 --run-dir runs/fed1
 """
 
 from __future__ import annotations
@@ -14,89 +15,114 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals do not phone home
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from .strategy import add_aggregation_arguments, aggregation_run_config
+from .settings import ROUND_FLAGS, add_settings_arguments, settings_from_args
 
 log = logging.getLogger("fl-server")
+START_FLAGS = (*ROUND_FLAGS, "timeout")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-server", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("certs", help="make the CA, the server certificate and site keys")
-    p.add_argument("--out", type=Path, default=Path("certs"))
-    p.add_argument("--sites", required=True, help="comma-separated site names, e.g. plagh,siteB")
-    p.add_argument("--hostnames", default="", help="extra server names/IPs for the certificate")
-    p.add_argument("--force", action="store_true", help="overwrite existing keys (rotation)")
-    p.set_defaults(func=_certs)
+    _certs_parser(sub)
 
     p = sub.add_parser("start", help="run a federation: SuperLink, TLS, rounds, checkpoints")
     p.add_argument("--config", type=Path, help="EGCMF YAML config (default: the tiny preset)")
     p.add_argument("--preset", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--min-sites", type=int, default=2)
-    p.add_argument("--address", default="0.0.0.0:8000", help="HOST:PORT the sites connect to")
-    p.add_argument("--certs", type=Path, default=Path("certs"))
+    add_settings_arguments(p, START_FLAGS)
+    p.add_argument("--address", default="0.0.0.0:8000",
+                   help="HOST:PORT where the sites connect; only the Fleet API is served there "
+                        "(default: 0.0.0.0:8000; [::]:8000 for IPv6 and IPv4)")
+    p.add_argument("--certs", type=Path, default=Path("certs"),
+                   help="folder made by fl-server certs (default: certs)")
     p.add_argument("--run-dir", type=Path, help="default runs/federation-<time>")
-    add_aggregation_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue after the last saved round")
-    p.add_argument("--round-timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="how long a round waits for the sites' replies; a site that is still "
-                        "busy then is left out of that round (a site that disconnects is "
-                        "noticed within a minute)")
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
                    help="DP-SGD at every site: GroupNorm network, noise planned for --rounds")
-    p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS, no site authentication, no app signature (loopback only)")
     p.set_defaults(func=_start)
     return parser
 
 
-def _certs(args: argparse.Namespace) -> int:
-    from .certs import make_certificates
+def _certs_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "certs", help="make the CA, the server certificate and the app-signing key; add sites",
+        description="Make the consortium CA, the SuperLink's certificate and the app-signing "
+                    "key (--out), or register a hospital's public key (--add-site). Hospitals "
+                    "make their own keys with fl-client keygen and send only NAME.pub.")
+    p.add_argument("--out", type=Path, default=Path("certs"), help="default: certs")
+    p.add_argument("--hostnames", default="", help="extra server names/IPs for the certificate")
+    p.add_argument("--add-site", type=Path, action="append", default=[], metavar="NAME.pub",
+                   help="register a hospital's public key as sites/NAME.pub (the CA is not "
+                        "touched); repeat for several")
+    p.add_argument("--name", help="with one --add-site: the site's name (default: file name)")
+    p.add_argument("--sites", default="",
+                   help="tests and demos only: also make these sites' private keys here "
+                        "(comma-separated); in a real consortium each hospital runs "
+                        "fl-client keygen")
+    p.add_argument("--renew-app-signing", action="store_true",
+                   help="replace the app-signing key, certified by the existing ca.key")
+    p.add_argument("--force", action="store_true", help="overwrite existing keys (rotation)")
+    p.set_defaults(func=_certs)
 
+
+def _certs(args: argparse.Namespace) -> int:
+    from .certs import add_site, make_certificates, renew_app_signing
+
+    if args.add_site:
+        if args.sites or args.hostnames or args.renew_app_signing:
+            raise ValueError("--add-site registers public keys only; run it on its own")
+        if args.name and len(args.add_site) > 1:
+            raise ValueError("--name goes with a single --add-site")
+        for pub in args.add_site:
+            target = add_site(args.out, pub, args.name, force=args.force)
+            log.info("registered %s; fl-server start registers it with the SuperLink", target)
+        return 0
+    if args.renew_app_signing:
+        files = renew_app_signing(args.out)
+        log.info("wrote %s; the sites accept it with the ca.crt they hold", files[0])
+        return 0
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     hosts = [h.strip() for h in args.hostnames.split(",") if h.strip()]
     files = make_certificates(args.out, sites, hosts, force=args.force)
-    log.info("wrote %d files to %s; give each site ca.crt and its sites/<name> pair "
+    log.info("wrote %d files to %s; give every hospital ca.crt; keep ca.key offline "
              "(see certs/README.md)", len(files), args.out)
     return 0
 
 
 def _start(args: argparse.Namespace) -> int:
     from egcmf_model.config import load_config, to_yaml
+    from fl_common.address import check_insecure, parse_address
 
     from .launcher import StartOptions, start_federation
 
-    host, _, port = args.address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--address {args.address!r} must be HOST:PORT")
-    if args.round_timeout <= 0:
-        raise ValueError(f"--round-timeout must be positive, got {args.round_timeout:g}")
+    address = parse_address(args.address, "--address")
+    if args.timeout <= 0:
+        raise ValueError(f"--round-timeout must be positive, got {args.timeout:g}")
     if args.insecure:
-        log.warning("INSECURE: no TLS and no site authentication; weights cross the network "
-                    "in clear text. Use only on a trusted test network.")
+        check_insecure(address, "hospital")
     elif not (args.certs / "server.key").exists():
         raise ValueError(f"no {args.certs / 'server.key'}: make certificates with "
-                         "fl-server certs --sites a,b, or pass --certs DIR")
+                         "fl-server certs --out DIR, or pass --certs DIR")
     run_dir = args.run_dir or Path("runs") / time.strftime("federation-%Y%m%d-%H%M%S")
-    dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.rounds}"]
+    dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.num_rounds}"]
     fedbn = ["train.keep_norm_local=true"] if args.keep_norm_local else []
     cfg = load_config(args.preset, args.config,
                       [*args.overrides, *(dp if args.dp else []), *fedbn])
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     config_file.write_text(to_yaml(cfg))
-    opts = StartOptions(run_dir=run_dir, config_file=config_file, host=host, port=int(port),
-                        certs=None if args.insecure else args.certs, insecure=args.insecure,
-                        rounds=args.rounds, min_sites=args.min_sites, strategy=args.strategy,
-                        resume=args.resume,
-                        extra_run_config={**aggregation_run_config(args),
-                                          "timeout": args.round_timeout})
+    run_config = {**settings_from_args(args, START_FLAGS), "run-dir": str(run_dir.resolve()),
+                  "resume": args.resume, "config-file": str(config_file.resolve())}
+    opts = StartOptions(run_dir=run_dir, address=address, run_config=run_config,
+                        certs=None if args.insecure else args.certs)
     summary = start_federation(opts)
     best = summary.get("best") or {}
     log.info("done: %d rounds; best Dice %s in round %s; files in %s", summary["rounds"],
@@ -108,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="fl-server: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:

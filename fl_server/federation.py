@@ -7,12 +7,9 @@ sums), per-site metrics keyed by site name, a checkpoint per round and resume af
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +19,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from egcmf_model.config import load_config, to_yaml
+from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, seed_everything
 from egcmf_model.metrics import SegmentationMetrics
 
+from .identity import SiteIdentity
 from .recorder import RunRecorder
+from .settings import FederationSettings
 from .strategy import (
     StrategyOptions,
     make_strategy,
@@ -38,49 +37,26 @@ from .validation import validate_updates
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FederationSettings:
-    run_dir: str
-    num_rounds: int = 3
-    min_sites: int = 2
-    strategy: str = "fedavg"
-    resume: bool = False
-    config_file: str = ""  # resolved EGCMF config (YAML) on the server; empty = tiny preset
-    timeout: float = 3600.0  # seconds to wait for the sites' replies in a round
-    max_update_ratio: float = 10.0  # reject updates whose norm exceeds this x the others' median
-    proximal_mu: float = 0.01  # fedprox
-    trim_fraction: float = 0.2  # trimmed-mean
-    krum_f: int = 1  # krum
-    server_lr: float = 0.01  # fedadam
-    sites: int = 0  # sites in the federation (server-side DP); 0 = min_sites
-    server_dp_noise: float = 0.0  # > 0: Flower's server-side client-level DP
-    server_dp_clip: float = 10.0
-    server_dp_epsilon: float = 0.0
-    server_dp_delta: float = 1e-5
+def strategy_options(settings: FederationSettings) -> StrategyOptions:
+    s = settings
+    return StrategyOptions(s.strategy, s.min_sites, s.proximal_mu, s.trim_fraction, s.krum_f,
+                           s.server_lr, s.sites or s.min_sites, s.server_dp_noise,
+                           s.server_dp_clip, s.server_dp_epsilon, s.server_dp_delta)
 
-    def strategy_options(self) -> StrategyOptions:
-        return StrategyOptions(self.strategy, self.min_sites, self.proximal_mu,
-                               self.trim_fraction, self.krum_f, self.server_lr,
-                               self.sites or self.min_sites, self.server_dp_noise,
-                               self.server_dp_clip, self.server_dp_epsilon, self.server_dp_delta)
 
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any], defaults: dict[str, Any]
-                        ) -> FederationSettings:
-        """Settings from Flower's run config (kebab-case keys), falling back to ``defaults``."""
-        merged = {**defaults, **dict(run_config)}
-        hints = typing.get_type_hints(cls)
-        values = {f.name: hints[f.name](merged[f.name.replace("_", "-")])
-                  for f in dataclasses.fields(cls) if f.name.replace("_", "-") in merged}
-        if "run_dir" not in values:
-            raise ValueError("run config needs run-dir: where checkpoints and metrics go")
-        return cls(**values)
+def seed_server(cfg: Config, simulation: bool) -> None:
+    """Seed the initial model from the run's seed. Outside a simulation, server-side DP noise
+    (Flower draws it from numpy's global generator) then comes from the OS's entropy, so
+    nobody who knows the seed can replay it."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    if not simulation:
+        np.random.seed()  # no argument: fresh entropy from the operating system
 
 
 def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     cfg = load_config(path=settings.config_file or None)
     classes = tuple(cfg.data.classes)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    seed_server(cfg, settings.simulation)
     model = build_model(cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
     start, payload = 0, None
@@ -90,7 +66,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
             model.load_state_dict(payload["model"])
             recorder.event("resume", f"resuming after round {start}")
             log.info("resuming after round %d", start)
-    strategy = make_strategy(settings.strategy_options())
+    strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
     arrays = ArrayRecord(model.state_dict())
@@ -137,8 +113,9 @@ def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
               config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder,
               classes: tuple[str, ...]) -> tuple[ArrayRecord, dict[str, Any]]:
     """One round: local training, aggregation, then evaluation of the new global model."""
-    train = _replies(grid.send_and_receive(strategy.configure_train(rnd, arrays, config, grid),
-                                           timeout=settings.timeout), rnd, "train", recorder)
+    messages = strategy.configure_train(rnd, arrays, config, grid)
+    train = _replies(grid.send_and_receive(messages, timeout=settings.timeout), rnd, "train",
+                     recorder, settings)
     train, rejected = validate_updates(train, arrays, site_of, settings.max_update_ratio)
     for r in rejected:
         log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
@@ -162,25 +139,36 @@ def _evaluate(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
               ) -> list[Message]:
     """The global model ``arrays`` evaluated on the sites' validation splits."""
     return _replies(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid),
-                                          timeout=settings.timeout), rnd, "evaluate", recorder)
+                                          timeout=settings.timeout), rnd, "evaluate", recorder,
+                    settings)
 
 
 def site_of(msg: Message) -> str:
-    """The site's own name (Flower's node ids change in every run)."""
+    """The site's name as its reply states it; :func:`_replies` keeps only replies whose name
+    is the one registered with their node's key (deployment)."""
     if "site" in msg.content:
         return str(msg.content["site"]["name"])
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder) -> list[Message]:
-    """Successful replies sorted by site name; failures go to events.jsonl."""
-    good = []
+def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
+             settings: FederationSettings) -> list[Message]:
+    """Successful replies from sites that are who they say, sorted by site name; failures and
+    impostors go to events.jsonl."""
+    identity, good = SiteIdentity(settings.node_sites()), []
     for msg in replies:
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            recorder.event("error", f"round {rnd} {stage}: node {msg.metadata.src_node_id} "
-                           f"failed: {msg.error.reason}", round=rnd)
-        else:
+            recorder.event("error", f"round {rnd} {stage}: {identity.describe(node)} failed: "
+                           f"{msg.error.reason}", round=rnd)
+            continue
+        problem = identity.check(node, site_of(msg) if "site" in msg.content else None)
+        if problem is None:
             good.append(msg)
+            continue
+        log.warning("round %d %s: %s", rnd, stage, problem.message)
+        recorder.event("identity", f"round {rnd} {stage}: {problem.message}", round=rnd,
+                       node=node, registered=problem.registered, claimed=problem.claimed)
     return sorted(good, key=site_of)
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -16,47 +16,24 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
-
-# Flags shared by `fl-server start` and `sim/run.py`; each maps to the run-config key of its name.
-AGGREGATION_FLAGS = (
-    ("--proximal-mu", float, 0.01, "fedprox: weight of the proximal term the sites add"),
-    ("--trim-fraction", float, 0.2, "trimmed-mean: share cut at each end, per coordinate"),
-    ("--krum-f", int, 1, "krum: malicious sites tolerated"),
-    ("--max-update-ratio", float, 10.0,
-     "reject updates whose norm exceeds this x the median of the others"),
-    ("--server-dp-noise", float, 0.0,
-     "> 0: Flower's server-side client-level DP (fedavg), noise multiplier"),
-    ("--server-dp-clip", float, 10.0, "server-side DP: clipping norm of each site's update"),
-    ("--server-dp-epsilon", float, 0.0,
-     "server-side DP: stop before a round that would exceed it (0: never)"),
-)
-
-
-def add_aggregation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
-    for flag, kind, default, text in AGGREGATION_FLAGS:
-        parser.add_argument(flag, type=kind, default=default, help=text)
-
-
-def aggregation_run_config(args: argparse.Namespace) -> dict[str, float]:
-    """The run-config entries of the aggregation flags (``proximal-mu``, ...)."""
-    return {flag[2:]: getattr(args, flag[2:].replace("-", "_")) for flag, *_ in AGGREGATION_FLAGS}
+from .settings import DEFAULTS, STRATEGIES
 
 
 @dataclass(frozen=True)
 class StrategyOptions:
-    name: str = "fedavg"
-    min_sites: int = 2  # sites that must connect, and the fewest whose updates are aggregated
-    proximal_mu: float = 0.01  # fedprox: weight of the proximal term the sites add
-    trim_fraction: float = 0.2  # trimmed-mean: share cut at each end, per coordinate
-    krum_f: int = 1  # krum: number of malicious sites tolerated
-    server_lr: float = 0.01  # fedadam: server learning rate (eta)
-    sites: int = 2  # sites taking part in every round (server-side DP samples all of them)
-    server_dp_noise: float = 0.0  # > 0: Flower's server-side client-level DP (fixed clipping)
-    server_dp_clip: float = 10.0  # clipping norm of each site's update
-    server_dp_epsilon: float = 0.0  # > 0: stop when the next round would exceed it
-    server_dp_delta: float = 1e-5
+    """What a strategy needs of the settings; defaults from :mod:`fl_server.settings`."""
+
+    name: str = DEFAULTS.strategy
+    min_sites: int = DEFAULTS.min_sites
+    proximal_mu: float = DEFAULTS.proximal_mu
+    trim_fraction: float = DEFAULTS.trim_fraction
+    krum_f: int = DEFAULTS.krum_f
+    server_lr: float = DEFAULTS.server_lr
+    sites: int = DEFAULTS.min_sites  # sites in every round (server-side DP samples all)
+    server_dp_noise: float = DEFAULTS.server_dp_noise
+    server_dp_clip: float = DEFAULTS.server_dp_clip
+    server_dp_epsilon: float = DEFAULTS.server_dp_epsilon
+    server_dp_delta: float = DEFAULTS.server_dp_delta
 
 
 def make_strategy(opts: StrategyOptions) -> Strategy:
@@ -110,13 +87,15 @@ SITE_WEIGHT = "site-weight"  # 1 for every site: client-level DP averages sites 
 STATEFUL = ("m_t", "v_t")  # FedOpt family (FedAdam): first and second moment estimates
 
 
-def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
-    """What a strategy learns across rounds, for the round checkpoint (empty for most)."""
-    return {name: dict(getattr(strategy, name)) for name in STATEFUL
-            if getattr(strategy, name, None)}
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
+    """What a strategy learns across rounds, for the round checkpoint (empty for most); as
+    tensors, so that checkpoints load with ``torch.load(weights_only=True)``."""
+    return {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
+            for name in STATEFUL if getattr(strategy, name, None)}
 
 
-def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, torch.Tensor]]
+                           ) -> None:
     for name, value in state.items():
         if name in STATEFUL and hasattr(strategy, name):
             setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})

@@ -10,7 +10,7 @@ from typing import Any
 
 from egcmf_model.config import Config, apply_overrides, load_config
 from egcmf_model.data.source import DataSource, open_source
-from fl_server.strategy import aggregation_run_config
+from fl_server.settings import AGGREGATION_FLAGS, settings_from_args
 
 from .experiment import SimSettings, run_federated
 
@@ -27,7 +27,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
         flags["train.keep_norm_local"] = True
     if args.dp:  # DP-SGD needs per-sample gradients: GroupNorm instead of BatchNorm
         flags.update({"dp.enabled": True, "model.norm": "group",
-                      "dp.planned_rounds": args.rounds})
+                      "dp.planned_rounds": args.num_rounds})
     sets = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.preset, args.config, [*args.overrides, *sets])
     source = open_source(cfg.data, 4 * cfg.model.in_size)
@@ -35,12 +35,13 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     if args.variant is None and not source.has_ck56:
         fixes.append("model.variant=mrfm")  # the H&E branch, for data without CK5/6
     cfg = apply_overrides(cfg, fixes)
-    settings = SimSettings(out=args.out, clients=args.clients, rounds=args.rounds,
+    settings = SimSettings(out=args.out, clients=args.clients, rounds=args.num_rounds,
                            partition=cfg.data.partition, alpha=cfg.data.alpha,
                            strategy=args.strategy, seed=cfg.train.seed,
                            client_gpus=args.client_gpus, min_sites=args.min_sites,
                            fault=args.fault or "",
-                           strategy_options=tuple(aggregation_run_config(args).items()))
+                           strategy_options=tuple(
+                               settings_from_args(args, AGGREGATION_FLAGS).items()))
     return cfg, source, settings
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from egcmf_model.config import Config, to_yaml
 from egcmf_model.data.source import DataSource, RoiRecord
 from egcmf_model.data.summary import site_partition
+from fl_server.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ log = logging.getLogger(__name__)
 class SimSettings:
     out: Path
     clients: int = 5
-    rounds: int = 20
+    rounds: int = DEFAULTS.num_rounds
     partition: str = "institution"
     alpha: float = 0.5
-    strategy: str = "fedavg"
+    strategy: str = DEFAULTS.strategy
     seed: int = 0
     client_gpus: float = 0.0  # GPU fraction per virtual client when a GPU exists
-    min_sites: int = 2  # fewest valid updates a round aggregates
+    min_sites: int = DEFAULTS.min_sites  # fewest valid updates a round aggregates
     fault: str = ""  # KIND:COUNT, fault injection
     strategy_options: tuple[tuple[str, float], ...] = ()  # proximal-mu, trim-fraction, krum-f
 
@@ -108,11 +109,14 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     server = make_server_app({"run-dir": str(s.out), "num-rounds": s.rounds,
                               "min-sites": min(s.min_sites, len(sites)), "strategy": s.strategy,
                               "config-file": str(s.out / "config.yaml"),
-                              "sites": len(sites), **dict(s.strategy_options)})
+                              "sites": len(sites), "simulation": True,
+                              **dict(s.strategy_options)})
     faults = faulty_sites(s.fault, sorted(sites), s.seed)
     if faults:
         log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))
     client = make_client_app({"partitions": str(partitions), "threads": 1, "faults": faults,
+                              "simulation": True, "max-update-ratio": dict(
+                                  s.strategy_options).get("max-update-ratio", 0.0),
                               "state-dir": str(s.out / "site_state"),
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},

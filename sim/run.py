@@ -22,11 +22,10 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiets a Ray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fl_server.strategy import add_aggregation_arguments
+    from fl_server.settings import ROUND_FLAGS, add_settings_arguments
 
     p = argparse.ArgumentParser(prog="sim/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5, help="virtual hospitals (default 5)")
-    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, help="epochs per round at each site")
     p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"))
     p.add_argument("--data", type=Path, help="data folder (default: generated synthetic set)")
@@ -34,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="Dirichlet concentration (label skew)")
     p.add_argument("--preset", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"))
-    add_aggregation_arguments(p)
-    p.add_argument("--min-sites", type=int, default=2,
-                   help="fewest valid updates a round aggregates (all sites always train)")
+    add_settings_arguments(p, ROUND_FLAGS)
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
@@ -45,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
     p.add_argument("--fault", metavar="KIND:COUNT",
                    help="COUNT sites (chosen by the seed) misbehave every round: "
-                        "nan, shape, scale (x1e6) or dropout")
+                        "nan, shape, scale (x1e6), dropout or inflate (a poisoned update at "
+                        "0.9x the norm limit, claiming 1e9 examples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
     p.add_argument("--config", type=Path, help="YAML config; flags override it")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from egcmf_model.config import apply_overrides, load_config, to_yaml
 from egcmf_model.engine import build_model
 from fl_client.client_app import make_client_app
+from fl_client.failures import INCOMPATIBLE, SITE_DATA
 from fl_server.federation import FederationSettings
 
 KERNEL_MAX = 7  # largest convolution kernel in the network
@@ -93,8 +96,9 @@ def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Cont
     cfg = apply_overrides(load_config("tiny"), ["data.classes=[tumor, stroma]"])
     msg = _message(MessageType.EVALUATE)
     msg.content["config"]["egcmf-config"] = to_yaml(cfg)
-    with pytest.raises(ValueError, match="classes"):  # the runtime turns it into an error reply
-        make_client_app()(msg, site_context)
+    reply = make_client_app()(msg, site_context)
+    assert reply.error.code == INCOMPATIBLE
+    assert "does not fit this site" in reply.error.reason
 
 
 def test_settings_come_from_run_config_with_defaults() -> None:
@@ -177,3 +181,117 @@ def test_a_site_past_its_budget_refuses_to_train_and_still_evaluates(
     reply = make_client_app()(message(MessageType.EVALUATE), context)
     assert not reply.has_error()
     assert 0 <= reply.content["metrics"]["dice"] <= 1
+
+
+def _dp_message(kind: str, *extra: str) -> Message:
+    cfg = load_config("tiny", overrides=[
+        "model.variant=unet", "model.norm=group", "train.epochs=1", "dp.enabled=true",
+        "dp.noise_multiplier=1.0", "dp.epsilon=100", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+        {"egcmf-config": to_yaml(cfg), "server-round": 1})})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def test_only_a_simulation_replays_its_dp_noise(synth_root: Path, tmp_path: Path) -> None:
+    """A curious centre knows the seed it sent; a deployed site's noise is still unknown to it.
+    The same message twice: different weights from the deployment's app, identical ones from
+    a simulation's."""
+    def trained(app_defaults: dict | None, run: str) -> dict[str, torch.Tensor]:
+        context = _context({"site": "plagh", "data": str(synth_root / "site_01"),
+                            "device": "cpu", "state-dir": str(tmp_path / run)})
+        reply = make_client_app(app_defaults)(_dp_message(MessageType.TRAIN), context)
+        assert not reply.has_error(), reply.error
+        return reply.content["arrays"].to_torch_state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(trained(None, "deployed-1"), trained(None, "deployed-2"))
+    simulated = {"simulation": True}
+    assert same(trained(simulated, "sim-1"), trained(simulated, "sim-2"))
+
+
+def _broken_site(synth_root: Path, tmp_path: Path, damage: str) -> Path:
+    site = tmp_path / "plagh"
+    shutil.copytree(synth_root / "site_01", site)
+    if damage == "png":  # the only validation ROI: its H&E PNG cut short after the header
+        png = site / "rois" / "roi_0003" / "he.png"
+        png.write_bytes(png.read_bytes()[:200])
+    else:
+        (site / "site.yaml").write_text("name: [unclosed")
+    return site
+
+
+@pytest.mark.parametrize("damage", ["png", "site.yaml"])
+def test_a_failure_reply_names_its_class_not_the_file(
+        synth_root: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Flower would send the exception's text, with paths and ROI ids, to the centre; the
+    reply holds only the class of failure, and the site's log the detail."""
+    site = _broken_site(synth_root, tmp_path, damage)
+    context = _context({"site": "plagh", "data": str(site), "device": "cpu"})
+    with caplog.at_level(logging.WARNING):
+        reply = make_client_app()(_message(MessageType.EVALUATE, "unet"), context)
+    assert reply.has_error()
+    assert reply.error.code == SITE_DATA
+    assert reply.error.reason == ("site plagh: evaluation failed: the site's data could not be "
+                                  "read; the details are in the site's log")
+    for secret in (str(tmp_path), "roi_0003", ".png", "site.yaml", "/"):
+        assert secret not in reply.error.reason
+    bad_file = site / ("rois/roi_0003/he.png" if damage == "png" else "site.yaml")
+    assert str(bad_file) in caplog.text
+
+
+def test_an_inflating_site_claims_a_billion_examples(site_context: Context) -> None:
+    """The ``inflate`` fault of a simulation: w_g - 9 (w_site - w_g) at ratio 10, 1e9 tiles."""
+    from fl_client.faults import INFLATED_EXAMPLES
+
+    msg = _message(MessageType.TRAIN, "unet")
+    sent = msg.content["arrays"].to_torch_state_dict()
+    honest = make_client_app()(msg, site_context).content["arrays"].to_torch_state_dict()
+    reply = make_client_app({"faults": {"plagh": "inflate"}, "max-update-ratio": 10.0})(
+        msg, site_context)
+    assert reply.content["metrics"]["num-examples"] == INFLATED_EXAMPLES
+    back = reply.content["arrays"].to_torch_state_dict()
+    name = next(k for k, v in sent.items() if v.is_floating_point())
+    torch.testing.assert_close(back[name], sent[name] - 9.0 * (honest[name] - sent[name]))
+
+
+def test_deleting_the_cache_does_not_reset_a_privacy_budget(
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger lives in the site's state folder (fl-client --state-dir, by default
+    $EGCMF_STATE_DIR or ~/.local/state/egcmf-fl), never in a cache."""
+    import shutil
+
+    from egcmf_model.data.source import cache_dir
+    from fl_client.state import default_state_dir
+
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    monkeypatch.setenv("EGCMF_CACHE", str(cache))
+    monkeypatch.setenv("EGCMF_STATE_DIR", str(state))
+    cache.mkdir()
+    context = _context({"site": "plagh", "data": str(synth_root / "site_01"), "device": "cpu",
+                        "dp": True, "dp-epsilon": 50.0})  # no state-dir: the default
+    cfg = load_config("tiny", overrides=[
+        "model.variant=unet", "model.norm=group", "train.epochs=1", "dp.enabled=true",
+        "dp.noise_multiplier=1.0"])
+    model = build_model(cfg.model, tuple(cfg.data.classes))
+
+    def train(rnd: int) -> float:
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+            {"egcmf-config": to_yaml(cfg), "server-round": rnd})})
+        reply = make_client_app()(Message(content=content, dst_node_id=1,
+                                          message_type=MessageType.TRAIN), context)
+        assert not reply.has_error(), reply.error
+        return reply.content["metrics"]["epsilon"]
+
+    first = train(1)
+    shutil.rmtree(cache)  # "clear the cache"
+    second = train(2)
+    assert second > first > 0  # the budget kept counting
+    assert (state / "plagh" / "privacy.json").exists()
+    monkeypatch.delenv("EGCMF_STATE_DIR")
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    assert default_state_dir() == Path.home() / ".local" / "state" / "egcmf-fl"
+    assert cache_dir() not in default_state_dir().parents

@@ -1,8 +1,10 @@
-"""Key material: files, modes, SANs, no silent overwrite; and fl-client's early refusals."""
+"""Key material: files, modes, SANs, no silent overwrite, keys made at the hospital, sites
+added without touching the CA, atomic writes; and fl-client's early refusals."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 import time
 from pathlib import Path
@@ -11,22 +13,31 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from egcmf_model.procs import free_port
 from fl_client.cli import main as client_main
-from fl_server.certs import make_certificates
+from fl_common.files import atomic_write
+from fl_common.procs import free_port
+from fl_server.certs import make_certificates, site_public_keys
 from fl_server.cli import main as server_main
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _assert_modes(root: Path) -> None:
+    for name in _files(root):
+        mode = stat.S_IMODE((root / name).stat().st_mode)
+        public = name.endswith((".crt", ".pub"))
+        assert mode == (0o644 if public else 0o600), name
 
 
 def test_layout_modes_and_sans(tmp_path: Path) -> None:
     assert server_main(["certs", "--out", str(tmp_path), "--sites", "plagh,siteB",
                         "--hostnames", "fl.example.org,10.1.2.3"]) == 0
-    files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
-    assert files == {"ca.crt", "ca.key", "server.crt", "server.key", "sites/plagh",
-                     "sites/plagh.pub", "sites/siteB", "sites/siteB.pub"}
-    for name in files:
-        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
-        public = name.endswith((".crt", ".pub"))
-        assert mode == (0o644 if public else 0o600), name
+    assert _files(tmp_path) == {"ca.crt", "ca.key", "server.crt", "server.key",
+                                "app-signing.crt", "app-signing.key", "sites/plagh",
+                                "sites/plagh.pub", "sites/siteB", "sites/siteB.pub"}
+    _assert_modes(tmp_path)
     cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "fl.example.org"}
@@ -49,15 +60,82 @@ def test_existing_keys_are_not_overwritten_without_force(tmp_path: Path, capsys)
 
 
 def test_bad_site_names_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="site names"):
+    with pytest.raises(ValueError, match="site name"):
         make_certificates(tmp_path, ["../evil"])
+    assert client_main(["keygen", "--site", "../evil", "--out", str(tmp_path / "h")]) == 2
+    assert not (tmp_path / "h").exists()
+
+
+def test_hospitals_make_their_keys_and_the_centre_adds_them_without_touching_the_ca(
+        tmp_path: Path, capsys) -> None:
+    """The documented flow: the centre's folder never holds a hospital's private key."""
+    centre, plagh, other = tmp_path / "centre", tmp_path / "plagh", tmp_path / "other"
+    assert server_main(["certs", "--out", str(centre), "--hostnames", "fl.example.org"]) == 0
+    assert _files(centre) == {"ca.crt", "ca.key", "server.crt", "server.key",
+                              "app-signing.crt", "app-signing.key"}
+    assert client_main(["keygen", "--site", "plagh", "--out", str(plagh)]) == 0
+    assert _files(plagh) == {"sites/plagh", "sites/plagh.pub"}
+    _assert_modes(plagh)
+    assert stat.S_IMODE((plagh / "sites" / "plagh").stat().st_mode) == 0o600
+    key = load_ssh_private_key((plagh / "sites" / "plagh").read_bytes(), None)
+    assert key.curve.name == "secp384r1"
+    before = {n: (centre / n).read_bytes() for n in _files(centre)}
+    assert server_main(["certs", "--out", str(centre), "--add-site",
+                        str(plagh / "sites" / "plagh.pub")]) == 0
+    assert {n: (centre / n).read_bytes() for n in before} == before  # CA untouched
+    assert _files(centre) - set(before) == {"sites/plagh.pub"}
+    assert (centre / "sites" / "plagh.pub").read_bytes() == (
+        plagh / "sites" / "plagh.pub").read_bytes()
+    assert list(site_public_keys(centre)) == ["plagh"]
+
+    # The same name twice, the same key under another name, and a file that is not a key.
+    assert client_main(["keygen", "--site", "plagh", "--out", str(other)]) == 0
+    assert server_main(["certs", "--out", str(centre), "--add-site",
+                        str(other / "sites" / "plagh.pub")]) == 2
+    assert "already registered" in capsys.readouterr().err
+    assert server_main(["certs", "--out", str(centre), "--add-site",
+                        str(plagh / "sites" / "plagh.pub"), "--name", "siteB"]) == 2
+    assert "already registered as site plagh" in capsys.readouterr().err
+    assert server_main(["certs", "--out", str(centre), "--add-site",
+                        str(centre / "ca.crt"), "--name", "siteC"]) == 2
+    assert "not an OpenSSH public key" in capsys.readouterr().err
+    assert list(site_public_keys(centre)) == ["plagh"]
+    # keygen never overwrites a hospital's key silently
+    old = (plagh / "sites" / "plagh").read_bytes()
+    assert client_main(["keygen", "--site", "plagh", "--out", str(plagh)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (plagh / "sites" / "plagh").read_bytes() == old
+
+
+def test_key_files_are_replaced_whole_or_not_at_all(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    key = tmp_path / "sites" / "plagh"
+    atomic_write(key, b"old key", private=True)
+    os.chmod(key, 0o644)  # even a file someone loosened comes back private
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", crash)
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write(key, b"new key that never lands", private=True)
+    assert key.read_bytes() == b"old key"  # not truncated, not half-written
+    assert _files(tmp_path) == {"sites/plagh"}  # no temporary file left behind
+    atomic_write(key, b"new key", private=True)
+    assert key.read_bytes() == b"new key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        atomic_write(key, b"other", private=True, overwrite=False)
+    assert key.read_bytes() == b"new key"
 
 
 def test_client_refuses_an_invalid_site_folder(tmp_path: Path, capsys) -> None:
     make_certificates(tmp_path / "certs", ["plagh"])
     (tmp_path / "data").mkdir()
     assert client_main(["--site", "plagh", "--data", str(tmp_path / "data"),
-                        "--certs", str(tmp_path / "certs")]) == 1
+                        "--certs", str(tmp_path / "certs"),
+                        "--state-dir", str(tmp_path / "state")]) == 1
     err = capsys.readouterr().err
     assert "not valid; not joining" in err
     assert "site.yaml" in err
@@ -70,7 +148,8 @@ def test_client_gives_up_on_an_unreachable_server(tmp_path: Path, synth_root: Pa
     start = time.monotonic()
     code = client_main(["--site", "plagh", "--server", f"127.0.0.1:{free_port()}",
                         "--data", str(synth_root / "site_01"), "--certs",
-                        str(tmp_path / "certs"), "--max-wait", "3"])
+                        str(tmp_path / "certs"), "--max-wait", "3",
+                        "--state-dir", str(tmp_path / "state")])
     assert code == 3
     assert time.monotonic() - start < 30
     err = capsys.readouterr().err
@@ -87,3 +166,28 @@ def test_server_without_certificates_says_what_to_do(tmp_path: Path, capsys) -> 
 def test_server_refuses_a_round_timeout_that_is_not_positive(tmp_path: Path, capsys) -> None:
     assert server_main(["start", "--round-timeout", "0", "--run-dir", str(tmp_path / "run")]) == 2
     assert "--round-timeout must be positive" in capsys.readouterr().err
+
+
+def test_client_refuses_a_state_folder_it_cannot_write(tmp_path: Path, synth_root: Path,
+                                                       capsys) -> None:
+    make_certificates(tmp_path / "certs", ["plagh"])
+    locked = tmp_path / "locked"
+    locked.write_text("a file, not a folder")
+    code = client_main(["--site", "plagh", "--data", str(synth_root / "site_01"), "--certs",
+                        str(tmp_path / "certs"), "--state-dir", str(locked / "state")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--state-dir" in err
+    assert "Traceback" not in err
+
+
+def test_insecure_refuses_addresses_beyond_loopback(tmp_path: Path, synth_root: Path,
+                                                    capsys, monkeypatch) -> None:
+    monkeypatch.delenv("EGCMF_ALLOW_INSECURE_NETWORK", raising=False)
+    assert server_main(["start", "--insecure", "--address", "0.0.0.0:8000",
+                        "--run-dir", str(tmp_path / "run")]) == 2
+    assert "EGCMF_ALLOW_INSECURE_NETWORK=1" in capsys.readouterr().err
+    assert client_main(["--site", "plagh", "--insecure", "--server", "10.1.2.3:8000",
+                        "--data", str(synth_root / "site_01"),
+                        "--state-dir", str(tmp_path / "state")]) == 2
+    assert "EGCMF_ALLOW_INSECURE_NETWORK=1" in capsys.readouterr().err

@@ -83,3 +83,49 @@ def test_metrics_accept_logits_and_skip_absent_classes() -> None:
     result = metrics.aggregate()
     assert result["dice"] == 1.0
     assert result["per_class"]["other"]["dice"] is None
+
+
+def _outputs(batch_size: int, seed: int = 0) -> tuple[dict, dict]:
+    """Every output EGCMFLoss reads (the full variant's), with some ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"logits": torch.randn(batch_size, 3, 8, 8, generator=g),
+           "logits_high": torch.randn(batch_size, 3, 8, 8, generator=g),
+           "logits_aim": torch.randn(batch_size, 3, 8, 8, generator=g),
+           "boxes": torch.tensor([[0, 0, 2, 2], [2, 4, 4, 6], [6, 6, 8, 8]][:batch_size]),
+           "sem": torch.randn(batch_size, 3, 8, 8, generator=g),
+           "edge": torch.randn(batch_size, 1, 8, 8, generator=g)}
+    mask = torch.randint(0, 3, (batch_size, 8, 8), generator=g)
+    mask[0, :6] = 255  # sample 0 labels 16 pixels, the others 64: the CE normalisers differ
+    if batch_size > 1:
+        mask[-1] = 255  # the last sample labels nothing at all
+    batch = {"mask": mask, "mask_40x": torch.randint(0, 3, (batch_size, 32, 32), generator=g),
+             "edge_target": torch.randint(0, 2, (batch_size, 8, 8), generator=g).float()}
+    return out, batch
+
+
+def test_per_sample_loss_is_the_mean_of_each_samples_loss() -> None:
+    """What DP-SGD needs: loss(batch) == mean(loss(sample)), CE's normaliser included."""
+    out, batch = _outputs(3)
+    each = EGCMFLoss(gamma=0.5, per_sample=True)
+
+    def sample(i: int, d: dict) -> dict:
+        return {k: v[i : i + 1] for k, v in d.items()}
+
+    alone = [each(sample(i, out), sample(i, batch)) for i in range(3)]
+    total, parts = each(out, batch)
+    assert total.item() == pytest.approx(sum(t.item() for t, _ in alone) / 3, rel=1e-6)
+    for key in parts:
+        assert parts[key] == pytest.approx(sum(p[key] for _, p in alone) / 3, rel=1e-6)
+    # Pooled over the batch, neither Dice nor CE (through its normaliser) is such a mean.
+    pooled = EGCMFLoss(gamma=0.5)
+    assert pooled(out, batch)[0].item() != pytest.approx(total.item(), rel=1e-3)
+    logits, mask = out["logits"][:2], batch["mask"][:2]
+    assert cross_entropy(logits, mask).item() != pytest.approx(
+        cross_entropy(logits, mask, per_sample=True).mean().item(), rel=1e-3)
+    assert cross_entropy(out["logits"], batch["mask"], per_sample=True)[-1].item() == 0.0
+
+
+def test_per_sample_terms_equal_the_pooled_ones_for_one_sample() -> None:
+    out, batch = _outputs(1)
+    assert EGCMFLoss(per_sample=True)(out, batch)[0].item() == pytest.approx(
+        EGCMFLoss()(out, batch)[0].item(), rel=1e-6)

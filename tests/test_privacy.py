@@ -7,16 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from egcmf_model.config import load_config
+from egcmf_model.config import VARIANTS, load_config
 from egcmf_model.data.source import open_sites
 from egcmf_model.data.synthetic import write_synthetic
-from egcmf_model.engine import build_model, pick_device, train_epoch
+from egcmf_model.engine import build_model, forward, pick_device, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
-from fl_client.privacy import BudgetExhausted, PrivacyLedger, make_private, noise_only_step
-from fl_client.train import local_train
+from fl_client.privacy import (
+    BudgetExhausted,
+    PrivacyLedger,
+    dp_generators,
+    make_private,
+    noise_only_step,
+)
+from fl_client.train import local_train, training_loss
 from sim.run import main as sim_main
 
 DP = ["model.variant=unet", "model.norm=group", "dp.enabled=true", "dp.noise_multiplier=1.0",
@@ -87,7 +94,8 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(synth_root: Path, tmp_path:
     loader = make_loader(source.split("train"), source.classes, cfg, train=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     private, optimizer, loader, engine = make_private(
-        model, optimizer, loader, cfg.dp, PrivacyLedger(tmp_path / "p.json"), 1, "a")
+        model, optimizer, loader, cfg.dp, PrivacyLedger(tmp_path / "p.json"), 1, "a",
+        torch.Generator())
     assert loader.collate_fn([]) is None
     before = [p.detach().clone() for p in private.parameters()]
     stats = train_epoch(private, [None], optimizer, pick_device("cpu"),
@@ -130,3 +138,98 @@ def test_server_side_dp_accounts_and_stops_at_its_budget(synth_root: Path,
                      "--out", str(capped)]) == 0
     assert len((capped / "metrics.jsonl").read_text().splitlines()) == 1  # stopped in time
     assert "privacy" in (capped / "events.jsonl").read_text()
+
+
+def _per_sample_grads(model: GradSampleModule, batch: dict, loss_fn: EGCMFLoss
+                      ) -> list[torch.Tensor]:
+    """Opacus's per-sample gradient of the first sample, for every trainable parameter."""
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.grad_sample = None
+    loss_fn(forward(model, batch), batch)[0].backward()
+    return [p.grad_sample[0].clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_samples_gradient_depends_on_another(variant: str, synth_root: Path) -> None:
+    """Under Opacus, with the real network and the loss DP-SGD trains with: replacing sample j
+    of a batch leaves sample i's per-sample gradient as it was. The loss pooled over the batch
+    (Dice sums, CE's normaliser) fails the same check."""
+    cfg = load_config("tiny", overrides=[f"model.variant={variant}", "model.norm=group",
+                                         "dp.enabled=true", "data.augment=false"])
+    source = open_sites(synth_root / "site_01")
+    tiles = make_loader(source.records, source.classes, cfg, train=False).dataset
+    items = [tiles[i] for i in range(3)]
+
+    def pair(i: int, j: int) -> dict:
+        return {k: torch.stack([items[i][k], items[j][k]]) for k in items[0] if k != "roi"}
+
+    torch.manual_seed(0)
+    model = GradSampleModule(build_model(cfg.model, source.classes))
+    loss_fn = training_loss(cfg)
+    assert loss_fn.per_sample
+    first, second = (_per_sample_grads(model, pair(0, j), loss_fn) for j in (1, 2))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    pooled = EGCMFLoss(cfg.loss.gamma, per_sample=False)
+    first, second = (_per_sample_grads(model, pair(0, j), pooled) for j in (1, 2))
+    assert max(float((a - b).abs().max()) for a, b in zip(first, second, strict=True)) > 1e-4
+
+
+def test_only_a_simulation_can_replay_dp_noise_and_sampling() -> None:
+    """Deployment (no seed): sampling and noise draw from the OS's entropy, differently each
+    time; simulation: both follow the seed. The two streams are separate generators."""
+    cpu = pick_device("cpu")
+
+    def draws(seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        sampling, noise = dp_generators(seed, cpu)
+        return torch.rand(8, generator=sampling), torch.randn(8, generator=noise)
+
+    for a, b in zip(draws(None), draws(None), strict=True):
+        assert not torch.equal(a, b)
+    for a, b in zip(draws(7), draws(7), strict=True):
+        assert torch.equal(a, b)
+    sampling = draws(7)[0]
+    assert not torch.equal(sampling, torch.rand(8, generator=dp_generators(8, cpu)[0]))
+    assert not torch.equal(sampling, torch.rand(8, generator=dp_generators(7, cpu)[1]))
+
+
+def test_fedprox_pulls_towards_the_global_model_under_dp(synth_root: Path,
+                                                         tmp_path: Path) -> None:
+    """The proximal term is added after DP-SGD's noise: with the same seeded noise, a large
+    mu keeps the weights closer to the global model than mu = 0 does."""
+    cfg, source, model = _setup(synth_root, "train.epochs=4", "dp.epsilon=100")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def distance(mu: float) -> float:
+        model.load_state_dict(start)
+        local_train(model, source.split("train"), source.classes, cfg, pick_device("cpu"),
+                    seed=3, proximal_mu=mu, ledger=PrivacyLedger(tmp_path / f"{mu}.json"),
+                    site="a", dp_seeded=True)
+        return sum(float((v - start[k]).pow(2).sum()) for k, v in model.state_dict().items()
+                   if v.is_floating_point()) ** 0.5
+
+    free, again = distance(0.0), distance(0.0)
+    assert free == again  # seeded: the same noise, so only mu differs below
+    assert distance(1000.0) < 0.5 * free
+
+
+def test_server_side_dp_noise_is_replayable_only_in_simulation() -> None:
+    """Flower's server-side DP draws its noise from numpy's global generator, which the
+    centre seeds for the initial model. A deployment reseeds it from the OS's entropy."""
+    import numpy as np
+    from flwr.serverapp.strategy import dp_fixed_clipping
+
+    from fl_server.federation import seed_server
+
+    cfg = load_config("tiny")
+
+    def noise(simulation: bool) -> np.ndarray:
+        seed_server(cfg, simulation)
+        arrays = [np.zeros(16, np.float32)]
+        dp_fixed_clipping.add_gaussian_noise_inplace(arrays, 1.0)  # what the strategy calls
+        return arrays[0]
+
+    assert not np.array_equal(noise(False), noise(False))
+    assert np.array_equal(noise(True), noise(True))

@@ -97,7 +97,29 @@ def test_each_corrupting_fault_is_rejected(kind: str) -> None:
 def test_dropout_fault_kills_the_site() -> None:
     with pytest.raises(RuntimeError, match="dropout"):
         inject_fault("dropout", _state(0))
-    assert FAULTS == ("nan", "shape", "scale", "dropout")
+    assert FAULTS == ("nan", "shape", "scale", "dropout", "inflate")
+
+
+def test_inflate_fault_passes_the_norm_rule_it_was_built_for() -> None:
+    """The inflating site reverses its own update and stretches it to 0.9x the limit it expects
+    (its own update norm standing in for the others' median): an attack the norm rule lets
+    through whenever the sites' updates are alike, as they are in a federation."""
+    received = _state(0)
+    honest = {k: v + 0.01 * _state(i)[k] if v.is_floating_point() else v
+              for i, (k, v) in enumerate(received.items(), start=1)}
+    sent = inject_fault("inflate", honest, received, max_update_ratio=10.0)
+    step = honest["conv.weight"] - received["conv.weight"]
+    torch.testing.assert_close(sent["conv.weight"], received["conv.weight"] - 9.0 * step)
+    assert torch.equal(sent["bn.num_batches_tracked"], honest["bn.num_batches_tracked"])
+    others = [_reply(s, OrderedDict((k, v + 0.01 * _state(seed)[k]) if v.is_floating_point()
+                                    else (k, v) for k, v in received.items()))
+              for s, seed in (("a", 5), ("b", 6))]
+    kept, rejected = validate_updates([*others, _reply("bad", sent)], ArrayRecord(received),
+                                      _site, max_ratio=10.0)
+    assert not rejected
+    assert [_site(m) for m in kept] == ["a", "b", "bad"]
+    with pytest.raises(ValueError, match="max update ratio"):
+        inject_fault("inflate", honest)
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -133,7 +155,7 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path: Path) -> None:
     torch.save({"strategy_state": strategy_state(a)}, tmp_path / "round_001.pt")
     b = make_strategy(StrategyOptions(name="fedadam"))
     restore_strategy_state(b, torch.load(tmp_path / "round_001.pt",
-                                         weights_only=False)["strategy_state"])
+                                         weights_only=True)["strategy_state"])
     assert np.array_equal(b.m_t["w"], a.m_t["w"])
     assert np.array_equal(b.v_t["w"], a.v_t["w"])
     assert strategy_state(make_strategy(StrategyOptions(name="fedavg"))) == {}

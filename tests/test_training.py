@@ -102,7 +102,7 @@ def test_train_defaults_to_full_with_ck56_and_resumes(synth_root: Path, tmp_path
     run = tmp_path / "run"
     assert main(["train", "--data", str(synth_root / "site_01"), "--epochs", "1",
                  "--out", str(run)]) == 0
-    first = torch.load(run / "last.pt", weights_only=False)
+    first = torch.load(run / "last.pt", weights_only=True)
     assert first["config"]["model"]["variant"] == "full"
     assert first["epoch"] == 1
     assert main(["train", "--data", str(synth_root / "site_01"), "--epochs", "2",
@@ -132,10 +132,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--out", str(tmp_path / "b")])
     monkeypatch.setattr(trainer, "train_epoch", real)
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
     assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert b["epoch"] == 3
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+HELPER_GRACE = 3.0  # seconds Flower's helper processes get to exit after SIGTERM
 
 
 def flower_executable(name: str) -> str:
@@ -45,8 +46,10 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def flower_env(**extra: str) -> dict[str, str]:
-    """Our environment for Flower processes: telemetry off, always."""
-    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **extra}
+    """Our environment for Flower processes: telemetry and the update check off, always
+    (hospitals do not phone home)."""
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            **extra}
 
 
 class Children:
@@ -55,21 +58,28 @@ class Children:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, args: Sequence[str], log_file: Path,
+    def start(self, name: str, args: Sequence[str], log_file: Path | None,
               env: dict[str, str] | None = None) -> subprocess.Popen:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        out = log_file.open("ab")
-        proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env or flower_env(),
-                                start_new_session=True, preexec_fn=_die_with_parent)
-        out.close()
+        """Start ``args``; its output goes to ``log_file`` (appended), or to our own stderr."""
+        out = None
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = log_file.open("ab")
+        proc = subprocess.Popen(list(args), stdout=out or sys.stderr,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env or flower_env(), start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        if out is not None:
+            out.close()
         self.procs.append((name, proc))
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every child's process group, then SIGKILL; then the same for grandchildren
-        that were re-parented to us (we are their subreaper), reaping all of them."""
+        """SIGTERM every child's process group, then SIGKILL; then the same for every process
+        our children had started when stopping began (Flower starts some in sessions of their own,
+        which outlive a group's signal), reaping all of them (we are their subreaper)."""
+        tree = _descendants({proc.pid for _, proc in self.procs})
         for _, proc in reversed(self.procs):
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -80,7 +90,7 @@ class Children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.procs.clear()
-        _stop_orphans(grace)
+        _stop_all(tree, min(grace, HELPER_GRACE))
 
 
 def _die_with_parent() -> None:
@@ -103,20 +113,31 @@ def _become_subreaper() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_child_subreaper, 1)
 
 
-def _orphans() -> list[int]:
-    """Live processes whose parent is us (re-parented grandchildren included)."""
-    me, found = os.getpid(), []
+def _table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process we can see (Linux /proc)."""
+    table = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if int(fields[1]) == me and fields[0] != "Z":
-            found.append(int(entry.name))
+        table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    table, found, frontier = _table(), set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
     return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """The live (not zombie) processes among ``pids``."""
+    return {pid for pid, (_, state) in _table().items() if state != "Z" and pid in pids}
 
 
 def _reap() -> None:
@@ -125,13 +146,13 @@ def _reap() -> None:
             pass
 
 
-def _stop_orphans(grace: float) -> None:
+def _stop_all(pids: set[int], grace: float) -> None:
     deadline = time.monotonic() + grace
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _orphans():
+        for pid in _alive(pids):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        while _orphans() and time.monotonic() < deadline:
+        while _alive(pids) and time.monotonic() < deadline:
             _reap()
             time.sleep(0.2)
         _reap()

@@ -1,0 +1,7 @@
+"""What both ends of a federation share, and nothing else.
+
+The centre (``fl_server``) and the hospitals (``fl_client``) never import each other; what they
+must agree on lives here: the format of the consortium's app signature (the centre signs, a site
+verifies), how an address is read and when clear text is allowed, how key files are written, and
+how our commands supervise Flower's processes. Pure standard library and ``cryptography``.
+"""
