@@ -24,8 +24,9 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from egcmf_model.config import Config, from_dict
+from egcmf_model.config import Config, ModelConfig, from_dict
 from egcmf_model.engine import build_model, pick_device
+from egcmf_model.network import EGCMF
 
 from .failures import PRIVACY_BUDGET_SPENT, public_error
 from .faults import INFLATED_EXAMPLES, inject_fault
@@ -46,30 +47,61 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     deployment's ``app`` has none: its DP noise draws from the operating system's entropy."""
     app = ClientApp()
     fixed = dict(defaults or {})
+    networks = Networks()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "training", lambda: _train(msg, context, fixed))
+        return _answer(msg, context, "training", lambda: _train(msg, context, fixed, networks),
+                       networks)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "evaluation", lambda: _evaluate(msg, context, fixed))
+        return _answer(msg, context, "evaluation",
+                       lambda: _evaluate(msg, context, fixed, networks), networks)
 
     return app
 
 
-def _answer(msg: Message, context: Context, stage: str, work: Callable[[], Message]
-            ) -> Message:
+class Networks:
+    """The site's network, kept from one message to the next in a process that answers many
+    (the site's runner): built once per model configuration, on the meta device (no random
+    initialisation), and given each message's weights without a copy."""
+
+    def __init__(self) -> None:
+        self.key: tuple[ModelConfig, tuple[str, ...]] | None = None
+        self.model: EGCMF | None = None
+
+    def load(self, cfg: ModelConfig, classes: tuple[str, ...],
+             state: dict[str, torch.Tensor], device: torch.device) -> EGCMF:
+        """The network of ``cfg`` for ``classes`` holding ``state`` (its tensors, not copies)."""
+        key = (dataclasses.replace(cfg, weights=""), classes)  # the weights come in ``state``
+        if self.model is None or key != self.key:
+            self.forget()
+            with torch.device("meta"):
+                self.model = build_model(key[0], classes)
+            self.key = key
+        self.model.load_state_dict(state, assign=True)
+        return self.model.to(device)
+
+    def forget(self) -> None:
+        """Drop the network (after a failure: it may hold a half-done step's state)."""
+        self.key = self.model = None
+
+
+def _answer(msg: Message, context: Context, stage: str, work: Callable[[], Message],
+            networks: Networks) -> Message:
     """``work()``'s reply; a failure becomes an error reply that says only its class."""
     try:
         return work()
     except Exception as exc:  # the centre learns the class of failure; the detail stays here
+        networks.forget()
         site = str(dict(context.node_config).get("site", ""))
         return Message(error=public_error(exc, stage, site), reply_to=msg)
 
 
-def _train(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
-    cfg, site, model, device = _setup(msg, context, fixed)
+def _train(msg: Message, context: Context, fixed: dict[str, Any], networks: Networks
+           ) -> Message:
+    cfg, site, model, device = _setup(msg, context, fixed, networks)
     options = msg.content["config"]
     seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
     mu = float(options.get("proximal-mu", 0.0))
@@ -89,8 +121,9 @@ def _train(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
     return _reply(msg, site, metrics, ArrayRecord(weights))
 
 
-def _evaluate(msg: Message, context: Context, fixed: dict[str, Any]) -> Message:
-    cfg, site, model, device = _setup(msg, context, fixed)
+def _evaluate(msg: Message, context: Context, fixed: dict[str, Any], networks: Networks
+              ) -> Message:
+    cfg, site, model, device = _setup(msg, context, fixed, networks)
     if fixed.get("faults", {}).get(site.name) == "dropout":
         inject_fault("dropout", {})
     return _reply(msg, site, local_evaluate(model, site.val, site.classes, cfg, device))
@@ -122,7 +155,7 @@ def _site_privacy(cfg: Config, node: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, dp=dp)
 
 
-def _setup(msg: Message, context: Context, defaults: dict[str, Any]
+def _setup(msg: Message, context: Context, defaults: dict[str, Any], networks: Networks
            ) -> tuple[Config, SiteData, torch.nn.Module, torch.device]:
     node = dict(context.node_config)
     cfg = from_dict(yaml.safe_load(str(msg.content["config"]["egcmf-config"])), "server config")
@@ -133,12 +166,12 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any]
                                      f"from the federation's {list(cfg.data.classes)}")
     device = pick_device(str(node.get("device", defaults.get("device", "auto"))))
     torch.set_num_threads(int(defaults.get("threads", torch.get_num_threads())))
-    model = build_model(cfg.model, site.classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model = networks.load(cfg.model, site.classes, msg.content["arrays"].to_torch_state_dict(),
+                          device)
     if cfg.train.keep_norm_local:
         restore_local_norms(model, _norms_file(_state_dir(context, defaults) / site.name,
                                                msg.content["config"]))
-    return cfg, site, model.to(device), device
+    return cfg, site, model, device
 
 
 def _reply(msg: Message, site: SiteData, metrics: dict[str, Any],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -90,6 +91,28 @@ def test_training_is_deterministic_per_site_and_round(site_context: Context) -> 
     first = next(iter(a.keys()))
     assert a.to_torch_state_dict()[first].equal(b.to_torch_state_dict()[first])
     assert not a.to_torch_state_dict()[first].equal(c.to_torch_state_dict()[first])
+
+
+def test_the_site_builds_its_network_once_without_random_initialisation() -> None:
+    """The runner answers every task with one app: the network is built once per model
+    configuration, on the meta device (the random number generator is not touched), and takes
+    each message's tensors as they are, without a copy."""
+    from fl_client.client_app import Networks
+
+    cfg = load_config("tiny", overrides=["model.variant=unet"]).model
+    classes, cpu = ("background", "in_situ", "invasive"), torch.device("cpu")
+    first, second = (build_model(cfg, classes).state_dict() for _ in range(2))
+    networks = Networks()
+    rng = torch.random.get_rng_state()
+    model = networks.load(cfg, classes, first, cpu)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    name = next(k for k, v in first.items() if v.is_floating_point())
+    assert model.state_dict()[name].data_ptr() == first[name].data_ptr()
+    assert networks.load(cfg, classes, second, cpu) is model
+    assert all(torch.equal(model.state_dict()[k], second[k]) for k in second)
+    other = dataclasses.replace(cfg, variant="mrfm")
+    assert networks.load(other, classes, build_model(other, classes).state_dict(), cpu) \
+        is not model
 
 
 def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Context) -> None:
