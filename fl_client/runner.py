@@ -53,7 +53,7 @@ class RunnerOptions:
     status_file: Path  # what fl-client reads: run, node, round, whether the last round is done
     node_config: dict[str, Any]  # site, data, device, state-dir, DP settings
     ca: Path | None  # the consortium's ca.crt; None: --insecure, signatures not checked
-    poll: float = 0.5  # seconds between task queries when idle
+    poll: float = 0.1  # seconds between task queries when idle (a local request)
 
 
 class Runner:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from .strategy import (
 from .validation import validate_updates
 
 log = logging.getLogger(__name__)
+REPLY_POLL = 0.2  # seconds between asking the SuperLink for replies
 
 
 def strategy_options(settings: FederationSettings) -> StrategyOptions:
@@ -58,10 +60,11 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     classes = tuple(cfg.data.classes)
     seed_server(cfg, settings.simulation)
     model = build_model(cfg.model, classes)
-    recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
+    recorder = RunRecorder(Path(settings.run_dir), cfg, classes, settings.keep_checkpoints)
     start, payload = 0, None
     if settings.resume:
         start, payload = recorder.last_round()
+        recorder.truncate_metrics(start)
         if payload is not None:
             model.load_state_dict(payload["model"])
             recorder.event("resume", f"resuming after round {start}")
@@ -80,7 +83,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         recorder.initial = initial
         log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
                  initial["miou"], initial["acc"], initial["loss"])
-    seconds = {}
+    seconds, done = {}, start
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
         try:
@@ -96,9 +99,12 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         train_s = line.pop("train_s")
         model.load_state_dict(arrays.to_torch_state_dict())
         arrays = ArrayRecord(model.state_dict())  # back to the network's dtypes (int counters)
-        recorder.record_round(rnd, model, line, strategy_state(strategy))
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # written in background
+        recorder.record_round(rnd, state, line, strategy_state=strategy_state(strategy))
+        done = rnd
         seconds[rnd] = {"round": round(time.perf_counter() - began, 3), "site_train": train_s}
         _log_round(rnd, settings.num_rounds, line)
+    recorder.finish(done)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
                                   round_seconds=seconds)
 
@@ -114,8 +120,8 @@ def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
               classes: tuple[str, ...]) -> tuple[ArrayRecord, dict[str, Any]]:
     """One round: local training, aggregation, then evaluation of the new global model."""
     messages = strategy.configure_train(rnd, arrays, config, grid)
-    train = _replies(grid.send_and_receive(messages, timeout=settings.timeout), rnd, "train",
-                     recorder, settings)
+    train = _replies(exchange(grid, messages, settings.timeout), rnd, "train", recorder,
+                     settings)
     train, rejected = validate_updates(train, arrays, site_of, settings.max_update_ratio)
     for r in rejected:
         log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
@@ -138,9 +144,22 @@ def _evaluate(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
               config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder
               ) -> list[Message]:
     """The global model ``arrays`` evaluated on the sites' validation splits."""
-    return _replies(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid),
-                                          timeout=settings.timeout), rnd, "evaluate", recorder,
-                    settings)
+    return _replies(exchange(grid, strategy.configure_evaluate(rnd, arrays, config, grid),
+                             settings.timeout), rnd, "evaluate", recorder, settings)
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Flower's ``send_and_receive``, asking for replies every ``REPLY_POLL`` seconds (Flower's
+    own asks every 3 s, which a round would wait for twice)."""
+    waiting = set(grid.push_messages(messages))
+    deadline, replies = time.monotonic() + timeout, []
+    while waiting and time.monotonic() < deadline:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {msg.metadata.reply_to_message_id for msg in got}
+        if waiting:
+            time.sleep(REPLY_POLL)
+    return replies
 
 
 def site_of(msg: Message) -> str:

@@ -47,6 +47,8 @@ class FederationSettings:
     server_dp_epsilon: float = _setting(0.0, "server-side DP: stop before a round that would "
                                              "exceed it (0: never)")
     server_dp_delta: float = 1e-5
+    keep_checkpoints: int = _setting(3, "round checkpoints kept, the newest (resume needs only "
+                                        "the last); best.pt and final.pt are kept besides")
     # Deployment: JSON {node id: site} of the keys the centre registered; "" in simulation.
     site_nodes: str = ""
     # Set by sim/run.py when it builds the ServerApp, never by a run config: server-side DP
@@ -72,6 +74,12 @@ class FederationSettings:
 
 
 DEFAULTS = FederationSettings()
+
+
+def check_keep_checkpoints(keep: int) -> None:
+    if keep < 1:
+        raise ValueError(f"--keep-checkpoints must be at least 1 (resume needs the last "
+                         f"round's checkpoint), got {keep}")
 APP_ONLY = ("simulation",)  # settings the app is built with, which a run config cannot change
 
 
@@ -108,8 +116,9 @@ def settings_from_args(args: argparse.Namespace, names: tuple[str, ...]) -> dict
     return {run_config_key(name): getattr(args, name) for name in names}
 
 
-# Strategy options and update validation; with the three below, the flags both
-# fl-server start and sim/run.py offer.
+# Strategy options, update validation and the run folder: settings that fl-server start and
+# sim/run.py both pass to the ServerApp as they are; with the three below, the flags of both.
 AGGREGATION_FLAGS = ("proximal_mu", "trim_fraction", "krum_f", "max_update_ratio",
                      "server_dp_noise", "server_dp_clip", "server_dp_epsilon")
-ROUND_FLAGS = ("num_rounds", "min_sites", "strategy", *AGGREGATION_FLAGS)
+SERVER_FLAGS = (*AGGREGATION_FLAGS, "keep_checkpoints")
+ROUND_FLAGS = ("num_rounds", "min_sites", "strategy", *SERVER_FLAGS)

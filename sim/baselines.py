@@ -50,8 +50,8 @@ def _start(cfg: Config, source: DataSource, s: SimSettings) -> tuple[Sites, RunR
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "config.yaml").write_text(to_yaml(cfg))
     write_partitions(s.out / "partitions.json", source.classes, sites)
-    return sites, RunRecorder(s.out, cfg, source.classes), pick_device("cpu" if not
-                                                                      s.client_gpus else "auto")
+    device = pick_device("cpu" if not s.client_gpus else "auto")
+    return sites, RunRecorder(s.out, cfg, source.classes, s.keep_checkpoints), device
 
 
 def run_centralized(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
@@ -64,9 +64,10 @@ def run_centralized(cfg: Config, source: DataSource, s: SimSettings) -> dict[str
                             round_seed(cfg.train.seed, rnd, "pooled"))
         line = _evaluate_on_sites(model, sites, source.classes, cfg, device)
         line["train_loss"] = train["train_loss"]
-        recorder.record_round(rnd, model, line)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        recorder.record_round(rnd, state, line)  # written in the background: a copy
         log.info("centralized round %d/%d  dice %.4f", rnd, s.rounds, line["dice"])
-    save_checkpoint(s.out / "final.pt", model, cfg, source.classes)
+    recorder.finish(s.rounds)
     return recorder.write_summary(mode="centralized")
 
 

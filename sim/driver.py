@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from egcmf_model.config import Config, apply_overrides, load_config
 from egcmf_model.data.source import DataSource, open_source
-from fl_server.settings import AGGREGATION_FLAGS, settings_from_args
+from fl_server.settings import SERVER_FLAGS, check_keep_checkpoints, settings_from_args
 
 from .experiment import SimSettings, run_federated
 
@@ -19,6 +18,7 @@ log = logging.getLogger("sim")
 
 def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     """Config (preset < --config < --set < flags), the data source and the run settings."""
+    check_keep_checkpoints(args.keep_checkpoints)
     flags = {"data.dataset": args.dataset, "data.root": args.data,
              "data.partition": args.partition, "data.alpha": args.alpha,
              "model.variant": args.variant, "train.epochs": args.local_epochs,
@@ -40,8 +40,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                            strategy=args.strategy, seed=cfg.train.seed,
                            client_gpus=args.client_gpus, min_sites=args.min_sites,
                            fault=args.fault or "",
-                           strategy_options=tuple(
-                               settings_from_args(args, AGGREGATION_FLAGS).items()))
+                           keep_checkpoints=args.keep_checkpoints,
+                           server_options=tuple(settings_from_args(args, SERVER_FLAGS).items()))
     return cfg, source, settings
 
 
@@ -67,11 +67,7 @@ def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]
 def run_mode(mode: str, cfg: Config, source: DataSource, settings: SimSettings
              ) -> dict[str, Any]:
     if mode == "federated":
-        summary = run_federated(cfg, source, settings)
-        last = settings.out / f"round_{summary['rounds']:03d}.pt"
-        if last.exists():
-            shutil.copyfile(last, settings.out / "final.pt")
-        return summary
+        return run_federated(cfg, source, settings)
     from .baselines import run_centralized, run_local
 
     return (run_centralized if mode == "centralized" else run_local)(cfg, source, settings)
