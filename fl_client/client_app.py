@@ -1,7 +1,10 @@
 """The hospital's ClientApp: unpack the Message, call a plain function, pack the reply.
 
-Replies hold the model weights, scalar metrics (with ``num-examples``) and the site's name:
-never an image, a mask, a path or an ROI id; a failure's reply holds only its class.
+A training message may also ask the site to evaluate the model it brings (``evaluate`` in its
+configuration): the site then evaluates the received global model before it trains on it, and
+the reply holds both, so each round's model travels to the site once. Replies hold the model's
+packed buffers (:mod:`fl_common.wire`), scalar metrics (with ``num-examples``) and the site's
+name: never an image, a mask, a path or an ROI id; a failure's reply holds only its class.
 """
 
 from __future__ import annotations
@@ -9,28 +12,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from egcmf_model.config import Config, ModelConfig, from_dict
-from egcmf_model.engine import build_model, pick_device
-from egcmf_model.network import EGCMF
+from egcmf_model.config import Config, from_dict
+from egcmf_model.engine import pick_device
+from fl_common.wire import WIRE_DTYPES
 
 from .failures import PRIVACY_BUDGET_SPENT, public_error
-from .faults import INFLATED_EXAMPLES, inject_fault
+from .faults import INFLATED_EXAMPLES, inject_fault, misshape
 from .fedbn import restore_local_norms, save_local_norms
+from .model_io import Networks, Received, reply_arrays
 from .privacy import PrivacyLedger
 from .site import IncompatibleFederation, SiteData, resolve_site
 from .state import default_state_dir
@@ -51,45 +49,36 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "training", lambda: _train(msg, context, fixed, networks),
-                       networks)
+        return _answer(msg, context, "training", networks,
+                       lambda: _train(_setup(msg, context, fixed, networks), fixed, networks))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "evaluation",
-                       lambda: _evaluate(msg, context, fixed, networks), networks)
+        return _answer(msg, context, "evaluation", networks,
+                       lambda: _evaluate(_setup(msg, context, fixed, networks), fixed))
 
     return app
 
 
-class Networks:
-    """The site's network, kept from one message to the next in a process that answers many
-    (the site's runner): built once per model configuration, on the meta device (no random
-    initialisation), and given each message's weights without a copy."""
+@dataclass(frozen=True)
+class Job:
+    """What a message asks of this site, with the network holding the received model."""
 
-    def __init__(self) -> None:
-        self.key: tuple[ModelConfig, tuple[str, ...]] | None = None
-        self.model: EGCMF | None = None
+    msg: Message
+    cfg: Config
+    site: SiteData
+    model: torch.nn.Module
+    received: Received
+    device: torch.device
+    state_dir: Path  # this site's own state folder
 
-    def load(self, cfg: ModelConfig, classes: tuple[str, ...],
-             state: dict[str, torch.Tensor], device: torch.device) -> EGCMF:
-        """The network of ``cfg`` for ``classes`` holding ``state`` (its tensors, not copies)."""
-        key = (dataclasses.replace(cfg, weights=""), classes)  # the weights come in ``state``
-        if self.model is None or key != self.key:
-            self.forget()
-            with torch.device("meta"):
-                self.model = build_model(key[0], classes)
-            self.key = key
-        self.model.load_state_dict(state, assign=True)
-        return self.model.to(device)
-
-    def forget(self) -> None:
-        """Drop the network (after a failure: it may hold a half-done step's state)."""
-        self.key = self.model = None
+    @property
+    def options(self) -> ConfigRecord:
+        return self.msg.content["config"]
 
 
-def _answer(msg: Message, context: Context, stage: str, work: Callable[[], Message],
-            networks: Networks) -> Message:
+def _answer(msg: Message, context: Context, stage: str, networks: Networks,
+            work: Callable[[], Message]) -> Message:
     """``work()``'s reply; a failure becomes an error reply that says only its class."""
     try:
         return work()
@@ -99,34 +88,66 @@ def _answer(msg: Message, context: Context, stage: str, work: Callable[[], Messa
         return Message(error=public_error(exc, stage, site), reply_to=msg)
 
 
-def _train(msg: Message, context: Context, fixed: dict[str, Any], networks: Networks
-           ) -> Message:
-    cfg, site, model, device = _setup(msg, context, fixed, networks)
-    options = msg.content["config"]
+def _train(job: Job, fixed: dict[str, Any], networks: Networks) -> Message:
+    """Evaluate the received model if asked, then train it; a training that fails after the
+    evaluation still returns the evaluation, with the class of the failure."""
+    content = RecordDict()
+    if job.options.get("evaluate"):
+        content["evaluation"] = MetricRecord(_evaluation(job, fixed))
+    try:
+        metrics, arrays = _training(job, fixed)
+    except Exception as exc:
+        if "evaluation" not in content:
+            raise
+        networks.forget()
+        error = public_error(exc, "training", job.site.name)
+        content["failure"] = ConfigRecord({"code": error.code, "reason": error.reason})
+    else:
+        content["metrics"], content["arrays"] = MetricRecord(metrics), arrays
+    content["site"] = ConfigRecord({"name": job.site.name})
+    return Message(content=content, reply_to=job.msg)
+
+
+def _training(job: Job, fixed: dict[str, Any]) -> tuple[dict[str, Any], ArrayRecord]:
+    cfg, site, options = job.cfg, job.site, job.options
+    wire, fault = _wire(options), fixed.get("faults", {}).get(site.name)
+    start = job.received.weights() if fault == "inflate" else None
     seed = round_seed(cfg.train.seed, int(options["server-round"]), site.name)
-    mu = float(options.get("proximal-mu", 0.0))
-    state = _state_dir(context, fixed) / site.name
-    metrics = local_train(model, site.train, site.classes, cfg, device, seed, mu,
-                          PrivacyLedger(state / "privacy.json"), site.name,
+    metrics = local_train(job.model, site.train, site.classes, cfg, job.device, seed,
+                          float(options.get("proximal-mu", 0.0)),
+                          PrivacyLedger(job.state_dir / "privacy.json"), site.name,
                           dp_seeded=bool(fixed.get("simulation")))
     if cfg.train.keep_norm_local:
-        save_local_norms(model, _norms_file(state, options))
-    weights = model.state_dict()
-    fault = fixed.get("faults", {}).get(site.name)
-    if fault is not None:
-        weights = inject_fault(fault, weights, msg.content["arrays"].to_torch_state_dict(),
-                               float(fixed.get("max-update-ratio", 0.0)))
-        if fault == "inflate":
-            metrics["num-examples"] = INFLATED_EXAMPLES
-    return _reply(msg, site, metrics, ArrayRecord(weights))
+        save_local_norms(job.model, _norms_file(job.state_dir, options))
+    weights = inject_fault(fault, job.received.layout.pack(job.model.state_dict()), start,
+                           float(fixed.get("max-update-ratio", 0.0)))
+    arrays = reply_arrays(weights, job.received, wire)
+    if fault == "shape":
+        arrays = misshape(arrays)
+    if fault == "inflate":
+        metrics["num-examples"] = INFLATED_EXAMPLES
+    return metrics, arrays
 
 
-def _evaluate(msg: Message, context: Context, fixed: dict[str, Any], networks: Networks
-              ) -> Message:
-    cfg, site, model, device = _setup(msg, context, fixed, networks)
-    if fixed.get("faults", {}).get(site.name) == "dropout":
+def _evaluate(job: Job, fixed: dict[str, Any]) -> Message:
+    content = RecordDict({"metrics": MetricRecord(_evaluation(job, fixed)),
+                          "site": ConfigRecord({"name": job.site.name})})
+    return Message(content=content, reply_to=job.msg)
+
+
+def _evaluation(job: Job, fixed: dict[str, Any]) -> dict[str, Any]:
+    """The received model's metrics on this site's validation split."""
+    if fixed.get("faults", {}).get(job.site.name) == "dropout":
         inject_fault("dropout", {})
-    return _reply(msg, site, local_evaluate(model, site.val, site.classes, cfg, device))
+    return local_evaluate(job.model, job.site.val, job.site.classes, job.cfg, job.device)
+
+
+def _wire(options: ConfigRecord) -> str:
+    wire = str(options.get("wire", "float32"))
+    if wire not in WIRE_DTYPES:
+        raise IncompatibleFederation(f"the centre asks for the wire dtype {wire!r}; this site "
+                                     f"knows {', '.join(WIRE_DTYPES)}")
+    return wire
 
 
 def _state_dir(context: Context, defaults: dict[str, Any]) -> Path:
@@ -156,7 +177,7 @@ def _site_privacy(cfg: Config, node: dict[str, Any]) -> Config:
 
 
 def _setup(msg: Message, context: Context, defaults: dict[str, Any], networks: Networks
-           ) -> tuple[Config, SiteData, torch.nn.Module, torch.device]:
+           ) -> Job:
     node = dict(context.node_config)
     cfg = from_dict(yaml.safe_load(str(msg.content["config"]["egcmf-config"])), "server config")
     cfg = _site_privacy(cfg, node)
@@ -166,21 +187,14 @@ def _setup(msg: Message, context: Context, defaults: dict[str, Any], networks: N
                                      f"from the federation's {list(cfg.data.classes)}")
     device = pick_device(str(node.get("device", defaults.get("device", "auto"))))
     torch.set_num_threads(int(defaults.get("threads", torch.get_num_threads())))
-    model = networks.load(cfg.model, site.classes, msg.content["arrays"].to_torch_state_dict(),
-                          device)
+    try:
+        model, received = networks.load(cfg.model, site.classes, msg.content["arrays"], device)
+    except ValueError as exc:  # another version of the network
+        raise IncompatibleFederation(f"site {site.name}: {exc}") from exc
+    state_dir = _state_dir(context, defaults) / site.name
     if cfg.train.keep_norm_local:
-        restore_local_norms(model, _norms_file(_state_dir(context, defaults) / site.name,
-                                               msg.content["config"]))
-    return cfg, site, model, device
-
-
-def _reply(msg: Message, site: SiteData, metrics: dict[str, Any],
-           arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site.name})})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=msg)
+        restore_local_norms(model, _norms_file(state_dir, msg.content["config"]))
+    return Job(msg, cfg, site, model, received, device, state_dir)
 
 
 app = make_client_app()

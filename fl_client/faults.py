@@ -8,9 +8,11 @@ must survive: ``nan`` (diverged training), ``shape`` (a site running another mod
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
+
+from egcmf_model.packing import FLOAT, kind
 
 FAULTS = ("nan", "shape", "scale", "dropout", "inflate")
 INFLATED_EXAMPLES = 10**9  # the num-examples an inflating site claims, to dominate FedAvg
@@ -21,39 +23,45 @@ class SimulatedFailure(RuntimeError):
     """The ``dropout`` fault: the site fails mid-round."""
 
 
-def inject_fault(kind: str | None, state: dict[str, torch.Tensor],
+def inject_fault(fault: str | None, weights: dict[str, torch.Tensor],
                  received: dict[str, torch.Tensor] | None = None,
                  max_update_ratio: float = 0.0) -> dict[str, torch.Tensor]:
-    """The state dict as the faulty site would send it (unchanged when ``kind`` is None).
+    """The packed weights as the faulty site would send them (unchanged when ``fault`` is
+    None, and for ``shape``, which :func:`misshape` applies to the encoded reply).
 
-    ``inflate`` needs ``received`` (the global model of this round) and the centre's
+    ``inflate`` needs ``received`` (the global model of this round, packed) and the centre's
     ``max_update_ratio`` (the simulation passes its ``--max-update-ratio``).
     """
-    if kind is None:
-        return state
-    if kind == "dropout":
+    if fault in (None, "shape"):
+        return weights
+    if fault == "dropout":
         raise SimulatedFailure("simulated site failure (fault injection: dropout)")
-    if kind == "inflate":
+    if fault == "inflate":
         if received is None or max_update_ratio <= 0:
             raise ValueError("the inflate fault needs the received model and the centre's "
                              "max update ratio")
-        return inflate(state, received, max_update_ratio)
-    out = OrderedDict((k, v.clone()) for k, v in state.items())
-    first = next(k for k, v in out.items() if v.is_floating_point())
-    if kind == "nan":
-        out[first].view(-1)[0] = float("nan")
-    elif kind == "shape":
-        out[first] = torch.cat([out[first], out[first][:1]])  # one row too many
-    elif kind == "scale":
-        for k, v in out.items():
-            if v.is_floating_point():
-                out[k] = v * 1e6
+        return inflate(weights, received, max_update_ratio)
+    out = {k: v.clone() for k, v in weights.items()}
+    floats = [k for k in out if kind(k) == FLOAT]
+    if fault == "nan":
+        out[floats[0]][0] = float("nan")
+    elif fault == "scale":
+        for k in floats:
+            out[k] = out[k] * 1e6
     else:
-        raise ValueError(f"unknown fault {kind!r}; choose one of {', '.join(FAULTS)}")
+        raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
     return out
 
 
-def inflate(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
+def misshape(record: ArrayRecord) -> ArrayRecord:
+    """The ``shape`` fault: the first float buffer one element too long, as a site running
+    another version of the network would send it."""
+    first = next(k for k in record if kind(k) == FLOAT)
+    values = record[first].numpy()
+    return ArrayRecord({**record, first: Array(np.concatenate([values, values[:1]]))})
+
+
+def inflate(weights: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
             max_update_ratio: float) -> dict[str, torch.Tensor]:
     """``w_g - k (w_site - w_g)``: the site's honest update, reversed and stretched by ``k``.
 
@@ -65,8 +73,5 @@ def inflate(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
     on top makes a FedAvg that trusts the claim adopt this update almost alone.
     """
     k = LIMIT_SHARE * max_update_ratio
-    out = OrderedDict()
-    for name, w in state.items():
-        start = received[name].to(w.device)
-        out[name] = start - k * (w - start) if w.is_floating_point() else w
-    return out
+    return {name: received[name] - k * (w - received[name]) if kind(name) == FLOAT else w
+            for name, w in weights.items()}

@@ -158,7 +158,7 @@ class Runner:
         rnd = int(config.get("server-round", 0)) if "server-round" in config else 0
         last = int(context.run_config.get("num-rounds", 0) or 0)
         final = (message.metadata.message_type == MessageType.EVALUATE and not reply.has_error()
-                 and last > 0 and rnd >= last)
+                 and (bool(config.get("final-evaluation")) or (last > 0 and rnd >= last)))
         previous = self.status if self.status.get("run_id") == run.run_id else {}
         self.status = {"run_id": run.run_id, "node_id": context.node_id, "round": rnd,
                        "final": bool(previous.get("final")) or final, "time": time.time()}

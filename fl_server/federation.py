@@ -1,8 +1,9 @@
-"""The coordinating centre's round loop: train, aggregate, evaluate, record; resumable.
+"""The coordinating centre's round loop: evaluate and train, aggregate, record; resumable.
 
 Flower's strategies do the sampling and the weighted averaging; this loop adds what a hospital
-consortium needs around them: replies sorted by site before aggregation (bitwise-reproducible
-sums), per-site metrics keyed by site name, a checkpoint per round and resume after a crash.
+consortium needs around them: the model sent once per round (:class:`Rounds`), packed, every
+update validated, replies sorted by site before aggregation (bitwise-reproducible sums),
+per-site metrics keyed by site name, a checkpoint per round and resume after a crash.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, seed_everything
-from egcmf_model.metrics import SegmentationMetrics
+from egcmf_model.packing import INT, Layout
 
+from .global_model import GlobalModel
 from .identity import SiteIdentity
+from .lines import evaluation_part, merge, training_part
 from .recorder import RunRecorder
 from .settings import FederationSettings
 from .strategy import (
@@ -59,54 +62,43 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     cfg = load_config(path=settings.config_file or None)
     classes = tuple(cfg.data.classes)
     seed_server(cfg, settings.simulation)
-    model = build_model(cfg.model, classes)
+    network = build_model(cfg.model, classes)  # the initial model, from the run's seed
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes, settings.keep_checkpoints)
     start, payload = 0, None
     if settings.resume:
         start, payload = recorder.last_round()
-        recorder.truncate_metrics(start)
+        recorder.truncate_metrics(start - 1)  # round `start`'s line comes with the next round
         if payload is not None:
-            model.load_state_dict(payload["model"])
+            network.load_state_dict(payload["model"])
             recorder.event("resume", f"resuming after round {start}")
             log.info("resuming after round %d", start)
     strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
-    arrays = ArrayRecord(model.state_dict())
+    model = GlobalModel.of_state(Layout.of(network.state_dict()), network.state_dict())
+    del network
     config_yaml = to_yaml(cfg)
-    config = ConfigRecord({"egcmf-config": config_yaml,
+    config = ConfigRecord({"egcmf-config": config_yaml, "wire": settings.wire,
                            "federation-id": federation_id(settings.run_dir, config_yaml)})
-    if start == 0:  # the initial model on every site: the baseline that training must beat
-        initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings,
-                                            recorder), classes)
-        initial.pop("train_s")
-        recorder.initial = initial
-        log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
-                 initial["miou"], initial["acc"], initial["loss"])
+    rounds = Rounds(grid, settings, strategy, recorder, classes, config, model,
+                    (payload or {}).get("pending"))
     seconds, done = {}, start
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
         try:
-            arrays, line = run_round(grid, strategy, rnd, arrays, config, settings, recorder,
-                                     classes)
+            train_s = rounds.run(rnd)
         except PrivacyBudgetExhausted as exc:
             recorder.event("privacy", f"stopping before round {rnd}: {exc}", round=rnd)
             log.warning("server-side DP budget spent; stopping before round %d", rnd)
             break
-        accountant = getattr(strategy, "accountant", None)
-        if accountant is not None:  # server-side DP: the released model's cumulative epsilon
-            line["server_epsilon"] = float(accountant.get_privacy_spent().epsilon)
-        train_s = line.pop("train_s")
-        model.load_state_dict(arrays.to_torch_state_dict())
-        arrays = ArrayRecord(model.state_dict())  # back to the network's dtypes (int counters)
-        state = {k: v.clone() for k, v in model.state_dict().items()}  # written in background
-        recorder.record_round(rnd, state, line, strategy_state=strategy_state(strategy))
-        done = rnd
         seconds[rnd] = {"round": round(time.perf_counter() - began, 3), "site_train": train_s}
-        _log_round(rnd, settings.num_rounds, line)
+        done = rnd
+    began = time.perf_counter()
+    rounds.final_evaluation(done)
     recorder.finish(done)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
-                                  round_seconds=seconds)
+                                  wire=settings.wire, round_seconds=seconds,
+                                  final_evaluation_seconds=round(time.perf_counter() - began, 3))
 
 
 def federation_id(run_dir: str, config_yaml: str) -> str:
@@ -115,37 +107,96 @@ def federation_id(run_dir: str, config_yaml: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
-              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder,
-              classes: tuple[str, ...]) -> tuple[ArrayRecord, dict[str, Any]]:
-    """One round: local training, aggregation, then evaluation of the new global model."""
-    messages = strategy.configure_train(rnd, arrays, config, grid)
-    train = _replies(exchange(grid, messages, settings.timeout), rnd, "train", recorder,
-                     settings)
-    train, rejected = validate_updates(train, arrays, site_of, settings.max_update_ratio)
-    for r in rejected:
-        log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
-        recorder.event("rejected", f"round {rnd}: update of site {r.site} rejected: {r.reason}",
-                       round=rnd, site=r.site)
-    new_arrays = None
-    if len(train) >= settings.min_sites:
-        new_arrays, _ = strategy.aggregate_train(rnd, train)
-    if new_arrays is None:
-        recorder.event("warning", f"round {rnd}: {len(train)} valid update(s), fewer than "
-                       f"min-sites={settings.min_sites} or none aggregated; global model "
-                       "unchanged", round=rnd)
-        new_arrays = arrays
-    evaluation = _evaluate(grid, strategy, rnd, new_arrays, config, settings, recorder)
-    strategy.aggregate_evaluate(rnd, evaluation)
-    return new_arrays, _round_line(train, evaluation, classes)
+class Rounds:
+    """The rounds of one run. Round r sends the global model of round r - 1 once to each site,
+    which evaluates it and then trains on it; its reply brings both. The evaluation completes
+    the metrics line of round r - 1 (the initial model's for r = 1), the training makes the
+    global model of round r. The last model gets an evaluation-only message."""
 
+    def __init__(self, grid: Grid, settings: FederationSettings, strategy: Strategy,
+                 recorder: RunRecorder, classes: tuple[str, ...], config: ConfigRecord,
+                 model: GlobalModel, pending: dict[str, Any] | None) -> None:
+        self.grid, self.settings, self.strategy = grid, settings, strategy
+        self.recorder, self.classes, self.config = recorder, classes, config
+        self.model = model
+        self.pending = pending  # the training part of the newest round's line
 
-def _evaluate(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
-              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder
-              ) -> list[Message]:
-    """The global model ``arrays`` evaluated on the sites' validation splits."""
-    return _replies(exchange(grid, strategy.configure_evaluate(rnd, arrays, config, grid),
-                             settings.timeout), rnd, "evaluate", recorder, settings)
+    def run(self, rnd: int) -> dict[str, float]:
+        """Round ``rnd``; returns each site's training seconds."""
+        config = ConfigRecord({**self.config, "evaluate": True})
+        messages = self._with_model(self.strategy.configure_train(
+            rnd, self.model.floats, config, self.grid))
+        replies = self._replies(messages, rnd, "train")
+        self._evaluated(rnd - 1, [(site_of(m), m.content.pop("evaluation"))
+                                  for m in replies if "evaluation" in m.content])
+        for msg in [m for m in replies if "failure" in m.content]:
+            self.recorder.event("error", f"round {rnd} train: site {site_of(msg)} failed: "
+                                f"{msg.content['failure']['reason']}", round=rnd)
+        train = [m for m in replies if "failure" not in m.content]
+        self.model = self._aggregate(rnd, train)
+        training = training_part(train, site_of)
+        accountant = getattr(self.strategy, "accountant", None)
+        if accountant is not None:  # server-side DP: the released model's cumulative epsilon
+            training["server_epsilon"] = float(accountant.get_privacy_spent().epsilon)
+        self.pending = {k: v for k, v in training.items() if k != "train_s"}
+        self.recorder.save_round(rnd, self.model.state(), pending=self.pending,
+                                 strategy_state=strategy_state(self.strategy))
+        return training["train_s"]
+
+    def final_evaluation(self, done: int) -> None:
+        """The global model of round ``done`` (the last) evaluated on every site."""
+        config = ConfigRecord({**self.config, "final-evaluation": True})
+        messages = self._with_model(self.strategy.configure_evaluate(
+            done, self.model.floats, config, self.grid))
+        replies = self._replies(messages, done, "evaluate")
+        self._evaluated(done, [(site_of(m), m.content["metrics"]) for m in replies])
+
+    def _aggregate(self, rnd: int, train: list[Message]) -> GlobalModel:
+        """The validated updates aggregated by the strategy (the global model unchanged when
+        fewer than ``min_sites`` are valid)."""
+        s = self.settings
+        train, rejected = validate_updates(train, self.model, s.wire, site_of, s.max_update_ratio)
+        for r in rejected:
+            log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
+            self.recorder.event("rejected", f"round {rnd}: update of site {r.site} rejected: "
+                                f"{r.reason}", round=rnd, site=r.site)
+        ints = [m.content["arrays"].pop(INT).numpy() for m in train
+                if INT in m.content["arrays"]]
+        floats = None
+        if len(train) >= s.min_sites:
+            floats, _ = self.strategy.aggregate_train(rnd, train)
+        if floats is None:
+            self.recorder.event("warning", f"round {rnd}: {len(train)} valid update(s), fewer "
+                                f"than min-sites={s.min_sites} or none aggregated; global model "
+                                "unchanged", round=rnd)
+            return self.model
+        return GlobalModel.aggregated(self.model, floats, ints)
+
+    def _evaluated(self, number: int, evaluations: list[tuple[str, Any]]) -> None:
+        """Record the evaluation of the global model of round ``number`` (0: the initial)."""
+        if number < 0:
+            return
+        evaluation = evaluation_part(evaluations, self.classes)
+        if number == 0:
+            self.recorder.initial = evaluation
+            log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f",
+                     evaluation["dice"], evaluation["miou"], evaluation["acc"],
+                     evaluation["loss"])
+            return
+        line = merge(self.pending, evaluation)
+        self.recorder.record_line(number, line)
+        _log_round(number, self.settings.num_rounds, line)
+
+    def _with_model(self, messages: Iterable[Message]) -> list[Message]:
+        """The strategy's messages carrying the model in the wire's form."""
+        messages = list(messages)
+        for msg in messages:
+            msg.content["arrays"] = self.model.wire(self.settings.wire)
+        return messages
+
+    def _replies(self, messages: list[Message], rnd: int, stage: str) -> list[Message]:
+        return _replies(exchange(self.grid, messages, self.settings.timeout), rnd, stage,
+                        self.recorder, self.settings)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -189,34 +240,6 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
         recorder.event("identity", f"round {rnd} {stage}: {problem.message}", round=rnd,
                        node=node, registered=problem.registered, claimed=problem.claimed)
     return sorted(good, key=site_of)
-
-
-def _round_line(train: list[Message], evaluation: list[Message], classes: tuple[str, ...]
-                ) -> dict[str, Any]:
-    sites: dict[str, dict[str, Any]] = {}
-    timings: dict[str, float] = {}  # wall-clock, so kept out of the reproducible metrics line
-    for msg in train:
-        m = msg.content["metrics"]
-        entry = sites.setdefault(site_of(msg), {})
-        entry.update({"train_loss": float(m["train_loss"]), "num-examples": int(m["num-examples"])})
-        timings[site_of(msg)] = round(float(m["train_s"]), 3)
-        if float(m.get("epsilon", -1.0)) >= 0:  # sites training with DP-SGD
-            entry["epsilon"] = float(m["epsilon"])
-    pooled = SegmentationMetrics(classes)
-    loss_sum, n_sum = 0.0, 0
-    for msg in evaluation:
-        m = msg.content["metrics"]
-        entry = sites.setdefault(site_of(msg), {})
-        entry.update({k: float(m[k]) for k in ("dice", "miou", "acc", "loss")})
-        entry["val-examples"] = int(m["num-examples"])
-        k = len(classes)
-        pooled.confusion += np.asarray(m["confusion"], np.int64).reshape(k, k)
-        loss_sum += float(m["loss"]) * int(m["num-examples"])
-        n_sum += int(m["num-examples"])
-    agg = pooled.aggregate()
-    return {"dice": agg["dice"], "miou": agg["miou"], "acc": agg["acc"],
-            "loss": loss_sum / n_sum if n_sum else float("nan"),
-            "sites": dict(sorted(sites.items())), "train_s": dict(sorted(timings.items()))}
 
 
 def _log_round(rnd: int, total: int, line: dict[str, Any]) -> None:

@@ -1,12 +1,23 @@
 """Checks on every site's update before aggregation: one broken or malicious site must not
-wreck the shared model. A rejected update is left out of the round, with its reason."""
+wreck the shared model. A rejected update is left out of the round, with its reason.
+
+Each reply is decoded once, here: its packed buffers are read without a copy (float32) or added
+to the centre's float32 model (float16 updates), checked, and handed on to the strategy as
+decoded arrays, which the strategy reads as they are.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+
+from egcmf_model.packing import FLOAT, kind
+from fl_common.wire import all_finite, decoded_record, squared_distance, view
+
+from .global_model import GlobalModel
 
 
 @dataclass(frozen=True)
@@ -15,49 +26,57 @@ class Rejection:
     reason: str
 
 
-def _delta_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    total = 0.0
-    for key, ref in reference.items():
-        if np.issubdtype(ref.dtype, np.floating):
-            diff = arrays[key].astype(np.float64) - ref
-            total += float(np.vdot(diff, diff))
-    return total**0.5
+def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
+                  ) -> tuple[str | None, dict[str, np.ndarray], float]:
+    """``(problem, weights, ||w_site - w_global||)`` of a reply's arrays: its buffers' names,
+    sizes and dtypes must be the layout's (float ones in the ``wire`` dtype), its values finite.
+    ``weights`` are the site's float32 weights (the problem says why there are none)."""
+    expected = dict(model.layout.sizes)
+    if set(record) != set(expected):
+        missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
+        return (f"wrong arrays: {len(record)} sent, {len(expected)} expected (missing "
+                f"{missing[:3]}, unexpected {extra[:3]})"), {}, 0.0
+    weights, squares = {}, 0.0
+    for name, size in expected.items():
+        values = view(record[name])
+        dtype = wire if kind(name) == FLOAT else "int64"
+        if values.shape != (size,) or values.dtype != np.dtype(dtype):
+            return (f"array {name}: shape {values.shape} {values.dtype}, expected ({size},) "
+                    f"{dtype}"), {}, 0.0
+        if kind(name) != FLOAT:
+            weights[name] = values
+            continue
+        if not all_finite(values):
+            return f"array {name}: holds NaN or Inf", {}, 0.0
+        master = model.values[name]
+        if wire == "float32":
+            squares += squared_distance(values, master)
+            weights[name] = values
+        else:  # the site's update: added to the centre's float32 weights
+            update = values.astype(np.float32)
+            squares += squared_distance(update)
+            weights[name] = np.add(update, master, out=update)
+    return None, weights, squares**0.5
 
 
-def structural_problem(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]
-                       ) -> str | None:
-    """Wrong number or names of arrays, wrong shapes or dtypes, NaN or Inf; None if fine."""
-    if set(arrays) != set(reference):
-        missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
-        return (f"wrong arrays: {len(arrays)} sent, {len(reference)} expected "
-                f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, ref in reference.items():
-        got = arrays[key]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            return (f"array {key}: shape {got.shape} {got.dtype}, expected {ref.shape} "
-                    f"{ref.dtype}")
-        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
-            return f"array {key}: holds NaN or Inf"
-    return None
-
-
-def validate_updates(replies: list[Message], reference: ArrayRecord, site_of,
-                     max_ratio: float) -> tuple[list[Message], list[Rejection]]:
+def validate_updates(replies: list[Message], model: GlobalModel, wire: str,
+                     site_of: Callable[[Message], str], max_ratio: float
+                     ) -> tuple[list[Message], list[Rejection]]:
     """Keep the replies whose arrays are well-formed and whose update norm ||w_site - w_global||
-    is at most ``max_ratio`` times the median norm of the other sites' updates."""
-    ref = {k: v.numpy() for k, v in reference.items()}
+    is at most ``max_ratio`` times the median norm of the other sites' updates. The kept
+    replies' arrays are replaced by their decoded float32 (and int64) buffers."""
     kept, rejected, norms = [], [], []
     for msg in replies:
         if "arrays" not in msg.content:
             rejected.append(Rejection(site_of(msg), "no arrays in the reply"))
             continue
-        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        problem = structural_problem(arrays, ref)
+        problem, weights, norm = decode_update(msg.content["arrays"], model, wire)
         if problem:
             rejected.append(Rejection(site_of(msg), problem))
             continue
+        msg.content["arrays"] = decoded_record(weights)
         kept.append(msg)
-        norms.append(_delta_norm(arrays, ref))
+        norms.append(norm)
     final = []
     for i, msg in enumerate(kept):
         others = [n for j, n in enumerate(norms) if j != i]

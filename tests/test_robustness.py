@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_client.faults import FAULTS, inject_fault
+from egcmf_model.packing import INT, Layout
+from fl_client.faults import FAULTS, inject_fault, misshape
+from fl_common.wire import Decoded, model_record, reply_record
+from fl_server.global_model import GlobalModel
 from fl_server.strategy import STRATEGIES, StrategyOptions, make_strategy
 from fl_server.validation import validate_updates
 from sim.run import main as sim_main
@@ -26,8 +29,18 @@ def _state(seed: int = 0, scale: float = 1.0) -> OrderedDict:
                         ("bn.num_batches_tracked", torch.tensor(3))])
 
 
-def _reply(site: str, state: OrderedDict) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(state),
+LAYOUT = Layout.of(_state())
+F0 = "float.00"
+
+
+def _global() -> GlobalModel:
+    return GlobalModel.of_state(LAYOUT, _state(0))
+
+
+def _reply(site: str, state: OrderedDict | ArrayRecord, wire: str = "float32") -> Message:
+    arrays = state if isinstance(state, ArrayRecord) else reply_record(
+        LAYOUT.pack(state), {k: v.numpy() for k, v in LAYOUT.pack(_state(0)).items()}, wire)
+    content = RecordDict({"arrays": arrays,
                           "metrics": MetricRecord({"num-examples": 4}),
                           "site": ConfigRecord({"name": site})})
     return Message(content=content, dst_node_id=1, message_type="train")
@@ -37,10 +50,14 @@ def _site(msg: Message) -> str:
     return str(msg.content["site"]["name"])
 
 
-def _check(bad: OrderedDict) -> list[str]:
-    reference = ArrayRecord(_state(0))
+def _packed(state: OrderedDict, **changes: np.ndarray) -> ArrayRecord:
+    buffers = {k: v.numpy() for k, v in LAYOUT.pack(state).items()}
+    return ArrayRecord({k: Array(v) for k, v in {**buffers, **changes}.items()})
+
+
+def _check(bad: OrderedDict | ArrayRecord) -> list[str]:
     replies = [_reply("a", _state(1)), _reply("b", _state(2)), _reply("bad", bad)]
-    kept, rejected = validate_updates(replies, reference, _site, max_ratio=10.0)
+    kept, rejected = validate_updates(replies, _global(), "float32", _site, max_ratio=10.0)
     assert [_site(m) for m in kept] == ["a", "b"]
     assert [r.site for r in rejected] == ["bad"]
     return [r.reason for r in rejected]
@@ -48,27 +65,25 @@ def _check(bad: OrderedDict) -> list[str]:
 
 def test_healthy_updates_pass() -> None:
     replies = [_reply(s, _state(i)) for i, s in enumerate("abc", start=1)]
-    kept, rejected = validate_updates(replies, ArrayRecord(_state(0)), _site, 10.0)
+    kept, rejected = validate_updates(replies, _global(), "float32", _site, 10.0)
     assert len(kept) == 3
     assert rejected == []
 
 
 def test_wrong_number_of_arrays() -> None:
-    bad = _state(3)
-    del bad["bn.running_mean"]
+    bad = _packed(_state(3))
+    del bad[INT]
     assert "wrong arrays" in _check(bad)[0]
 
 
 def test_wrong_shape() -> None:
-    bad = _state(3)
-    bad["conv.weight"] = torch.randn(5, 3, 3, 3)
-    assert "shape" in _check(bad)[0]
+    values = LAYOUT.pack(_state(3))[F0].numpy()
+    assert "shape" in _check(_packed(_state(3), **{F0: np.append(values, 1.0)}))[0]
 
 
 def test_wrong_dtype() -> None:
-    bad = _state(3)
-    bad["conv.weight"] = bad["conv.weight"].double()
-    assert "float64" in _check(bad)[0]
+    values = LAYOUT.pack(_state(3))[F0].numpy()
+    assert "float64" in _check(_packed(_state(3), **{F0: values.astype(np.float64)}))[0]
 
 
 def test_nan_or_inf() -> None:
@@ -84,19 +99,56 @@ def test_norm_far_outside_the_others() -> None:
 def test_missing_arrays() -> None:
     msg = _reply("bad", _state(3))
     del msg.content["arrays"]
-    kept, rejected = validate_updates([msg], ArrayRecord(_state(0)), _site, 10.0)
+    kept, rejected = validate_updates([msg], _global(), "float32", _site, 10.0)
     assert kept == []
     assert "no arrays" in rejected[0].reason
 
 
+def test_each_reply_is_decoded_once_and_the_strategy_reads_it_as_decoded() -> None:
+    """Validation decodes a reply's buffers (float32: without a copy) and hands them to the
+    strategy, which averages them without decoding the reply again."""
+    replies = [_reply("a", _state(1)), _reply("b", _state(2))]
+    kept, _ = validate_updates(replies, _global(), "float32", _site, 10.0)
+    assert all(isinstance(a, Decoded) for m in kept for a in m.content["arrays"].values())
+    assert all(not a.numpy().flags.owndata for m in kept for a in m.content["arrays"].values())
+    for m in kept:
+        m.content["arrays"].pop(INT)
+    floats, _ = make_strategy(StrategyOptions(min_sites=2)).aggregate_train(1, kept)
+    expected = (LAYOUT.pack(_state(1))[F0] + LAYOUT.pack(_state(2))[F0]) / 2
+    assert np.allclose(floats[F0].numpy(), expected.numpy())
+
+
+def test_float16_updates_are_added_to_the_centres_float32_model() -> None:
+    """The float16 wire: a site sends w_site - w_received in float16; the centre decodes it
+    onto its own float32 weights, so an update far below float16's resolution of the weights
+    survives, where float16 weights would lose it."""
+    start = _state(0)
+    tiny = OrderedDict((k, v + 1e-5 * (1 + v.abs()) if v.is_floating_point() else v)
+                       for k, v in start.items())
+    replies = [_reply(s, tiny, "float16") for s in "ab"]
+    kept, rejected = validate_updates(replies, _global(), "float16", _site, 10.0)
+    assert not rejected
+    decoded = kept[0].content["arrays"][F0].numpy()
+    exact = LAYOUT.pack(tiny)[F0].numpy()
+    assert decoded.dtype == np.float32
+    assert np.abs(decoded - exact).max() < 1e-7
+    as_float16 = exact.astype(np.float16).astype(np.float32)
+    assert np.abs(as_float16 - exact).max() > 1e-5  # what plain float16 weights would keep
+    _, refused = validate_updates([_reply("c", tiny, "float32")], _global(), "float16",
+                                  _site, 10.0)  # the wrong form for this run
+    assert "float32, expected" in refused[0].reason
+
+
 @pytest.mark.parametrize("kind", ["nan", "shape", "scale"])
 def test_each_corrupting_fault_is_rejected(kind: str) -> None:
-    assert _check(inject_fault(kind, _state(3)))
+    weights = LAYOUT.pack(_state(3))
+    record = model_record(inject_fault(kind, weights))
+    assert _check(misshape(record) if kind == "shape" else record)
 
 
 def test_dropout_fault_kills_the_site() -> None:
     with pytest.raises(RuntimeError, match="dropout"):
-        inject_fault("dropout", _state(0))
+        inject_fault("dropout", LAYOUT.pack(_state(0)))
     assert FAULTS == ("nan", "shape", "scale", "dropout", "inflate")
 
 
@@ -107,19 +159,20 @@ def test_inflate_fault_passes_the_norm_rule_it_was_built_for() -> None:
     received = _state(0)
     honest = {k: v + 0.01 * _state(i)[k] if v.is_floating_point() else v
               for i, (k, v) in enumerate(received.items(), start=1)}
-    sent = inject_fault("inflate", honest, received, max_update_ratio=10.0)
-    step = honest["conv.weight"] - received["conv.weight"]
-    torch.testing.assert_close(sent["conv.weight"], received["conv.weight"] - 9.0 * step)
-    assert torch.equal(sent["bn.num_batches_tracked"], honest["bn.num_batches_tracked"])
+    sent = inject_fault("inflate", LAYOUT.pack(honest), LAYOUT.pack(received),
+                        max_update_ratio=10.0)
+    step = LAYOUT.pack(honest)[F0] - LAYOUT.pack(received)[F0]
+    torch.testing.assert_close(sent[F0], LAYOUT.pack(received)[F0] - 9.0 * step)
+    assert torch.equal(sent[INT], LAYOUT.pack(honest)[INT])
     others = [_reply(s, OrderedDict((k, v + 0.01 * _state(seed)[k]) if v.is_floating_point()
                                     else (k, v) for k, v in received.items()))
               for s, seed in (("a", 5), ("b", 6))]
-    kept, rejected = validate_updates([*others, _reply("bad", sent)], ArrayRecord(received),
-                                      _site, max_ratio=10.0)
+    kept, rejected = validate_updates([*others, _reply("bad", model_record(sent))], _global(),
+                                      "float32", _site, max_ratio=10.0)
     assert not rejected
     assert [_site(m) for m in kept] == ["a", "b", "bad"]
     with pytest.raises(ValueError, match="max update ratio"):
-        inject_fault("inflate", honest)
+        inject_fault("inflate", LAYOUT.pack(honest))
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
