@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="10x input side (default: the preset's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--amp", default="off", choices=("off", "bf16"))
+    parser.add_argument("--amp", default="none", choices=("none", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
     cfg = load_config(args.preset).model

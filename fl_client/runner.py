@@ -109,9 +109,8 @@ class Runner:
                 sub_status, details = SubStatus.COMPLETED, ""
             push_message(client, reply, context)
             self._record(run, context, message, reply)
-            log.info("round %s: %s %s in %.1fs", self.status.get("round", "?"),
-                     message.metadata.message_type, "refused" if refusal else
-                     "failed" if reply.has_error() else "answered",
+            log.info("round %s: %s %s in %.1fs", self.status.get("round", "?"), _task(message),
+                     "refused" if refusal else "failed" if reply.has_error() else "answered",
                      time.perf_counter() - began)
         except Exception as exc:
             log.warning("a task could not be completed: %s", exc)
@@ -163,6 +162,15 @@ class Runner:
         self.status = {"run_id": run.run_id, "node_id": context.node_id, "round": rnd,
                        "final": bool(previous.get("final")) or final, "time": time.time()}
         atomic_write(self.opts.status_file, json.dumps(self.status).encode(), private=True)
+
+
+def _task(message: Message) -> str:
+    """What a message asks: ``evaluate``, ``train``, or ``evaluate and train``."""
+    kind = message.metadata.message_type
+    config = message.content["config"] if message.has_content() and \
+        "config" in message.content else {}
+    return f"evaluate and {kind}" if kind == MessageType.TRAIN and config.get("evaluate") \
+        else kind
 
 
 def _task_heartbeat(client: RuntimeHttpClient):

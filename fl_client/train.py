@@ -15,7 +15,7 @@ import torch
 
 from egcmf_model.config import Config
 from egcmf_model.data.source import RoiRecord
-from egcmf_model.engine import evaluate, seed_everything, train_epoch
+from egcmf_model.engine import GpuSpeed, evaluate, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
@@ -66,7 +66,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
                                                           ledger, cfg.train.epochs, site, noise)
         on_empty = noise_only_step(optimizer)
     for _ in range(cfg.train.epochs):
-        stats = train_epoch(trained, loader, optimizer, device, loss_fn, on_empty=on_empty)
+        stats = train_epoch(trained, loader, optimizer, device, loss_fn, on_empty=on_empty,
+                            speed=GpuSpeed.of(cfg.train))
     epsilon = NO_DP
     if engine is not None:
         ledger.save(engine.accountant.history)
@@ -110,7 +111,8 @@ def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tu
         return {"dice": 0.0, "miou": 0.0, "acc": 0.0, "loss": 0.0, "num-examples": len(records),
                 "confusion": [0] * (k * k), "site-weight": 1}
     loader = make_loader(records, classes, cfg, train=False)
-    result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma))
+    result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma),
+                      GpuSpeed.of(cfg.train))
     return {"dice": _finite(result["dice"]), "miou": _finite(result["miou"]),
             "acc": _finite(result["acc"]), "loss": float(result["loss"]),
             "num-examples": int(result["num-examples"]),

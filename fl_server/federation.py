@@ -132,9 +132,9 @@ class Rounds:
         for msg in [m for m in replies if "failure" in m.content]:
             self.recorder.event("error", f"round {rnd} train: site {site_of(msg)} failed: "
                                 f"{msg.content['failure']['reason']}", round=rnd)
-        train = [m for m in replies if "failure" not in m.content]
-        self.model = self._aggregate(rnd, train)
+        train = self._validated(rnd, [m for m in replies if "failure" not in m.content])
         training = training_part(train, site_of)
+        self.model = self._aggregate(rnd, train)
         accountant = getattr(self.strategy, "accountant", None)
         if accountant is not None:  # server-side DP: the released model's cumulative epsilon
             training["server_epsilon"] = float(accountant.get_privacy_spent().epsilon)
@@ -151,15 +151,20 @@ class Rounds:
         replies = self._replies(messages, done, "evaluate")
         self._evaluated(done, [(site_of(m), m.content["metrics"]) for m in replies])
 
-    def _aggregate(self, rnd: int, train: list[Message]) -> GlobalModel:
-        """The validated updates aggregated by the strategy (the global model unchanged when
-        fewer than ``min_sites`` are valid)."""
+    def _validated(self, rnd: int, train: list[Message]) -> list[Message]:
+        """The replies whose update passes validation (decoded); the others logged."""
         s = self.settings
         train, rejected = validate_updates(train, self.model, s.wire, site_of, s.max_update_ratio)
         for r in rejected:
             log.warning("round %d: update of site %s rejected: %s", rnd, r.site, r.reason)
             self.recorder.event("rejected", f"round {rnd}: update of site {r.site} rejected: "
                                 f"{r.reason}", round=rnd, site=r.site)
+        return train
+
+    def _aggregate(self, rnd: int, train: list[Message]) -> GlobalModel:
+        """The validated updates aggregated by the strategy (the global model unchanged when
+        fewer than ``min_sites`` are valid)."""
+        s = self.settings
         ints = [m.content["arrays"].pop(INT).numpy() for m in train
                 if INT in m.content["arrays"]]
         floats = None

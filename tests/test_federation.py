@@ -185,6 +185,10 @@ def test_the_readmes_federation_runs_as_written(tmp_path: Path, synth_root: Path
             assert code == 0, out
             assert "closed the federation" in out
             assert "signed by" in out
+            # one model message per round (evaluate the model received, then train on it),
+            # and one evaluation-only message for the last model
+            assert re.findall(r"round (\d+): ([a-z ]+) answered", out) == [
+                ("1", "evaluate and train"), ("2", "evaluate and train"), ("2", "evaluate")]
     finally:
         _stop(server, *clients)
     run_dir = centre / "runs" / "check"
