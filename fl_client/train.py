@@ -23,6 +23,7 @@ from .privacy import PrivacyLedger, dp_generators, make_private, noise_only_step
 
 log = logging.getLogger(__name__)
 NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
+STAND_IN_SCALE = 1e-4  # train.skip: the size of the random step that stands in for training
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -40,9 +41,10 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     ``seed`` drives shuffling and augmentation. Under DP-SGD (``cfg.dp.enabled``) the loss is
     per sample, and Poisson sampling and noise draw from the OS's entropy unless ``dp_seeded``
     (simulations only: then they follow ``seed``). With ``cfg.train.skip`` (benchmarks of the
-    federation's own cost) nothing is trained.
+    federation's own cost) nothing is trained: :func:`stand_in_update` moves the weights.
     """
     if cfg.train.skip:
+        stand_in_update(model, seed)
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
                 "epsilon": NO_DP, "site-weight": 1}
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
@@ -77,6 +79,19 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
             "train_s": time.perf_counter() - start, "epsilon": epsilon,
             "site-weight": 1}  # for aggregations that count sites, not tiles
+
+
+def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE) -> None:
+    """What ``train.skip`` does instead of training: every float weight moves by a seeded
+    Gaussian step of ``scale``. A real update changes every value; returning the weights
+    untouched would let Flower skip sending objects it already holds, and a zero float16
+    update repeats one chunk, so a benchmark would count bytes that a federation sends."""
+    generator = torch.Generator().manual_seed(seed % 2**63)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                step = torch.randn(tensor.shape, generator=generator) * scale
+                tensor.add_(step.to(tensor.device, tensor.dtype))
 
 
 def training_loss(cfg: Config) -> EGCMFLoss:

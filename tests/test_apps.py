@@ -200,14 +200,23 @@ def test_settings_come_from_run_config_with_defaults() -> None:
         FederationSettings.from_run_config({}, {})
 
 
-def test_bench_skip_returns_the_weights_untouched(site_context: Context) -> None:
+def test_bench_skip_returns_the_weights_moved_by_a_seeded_step(site_context: Context) -> None:
+    """train.skip: no training; every weight moves by a small random step, the same for the
+    same site and round, so that a benchmark's messages differ as real updates do."""
+    from fl_client.train import STAND_IN_SCALE
+
     msg = _message(MessageType.TRAIN, "unet")
     msg.content["config"]["egcmf-config"] = to_yaml(
         apply_overrides(load_config("tiny"), ["model.variant=unet", "train.skip=true"]))
     sent = _sent(msg)
     reply = make_client_app()(msg, site_context)
     back = _weights(reply, msg)
-    assert all(torch.equal(sent[k], back[k]) for k in sent)
+    floats = [k for k, v in sent.items() if v.is_floating_point()]
+    steps = torch.cat([(back[k] - sent[k]).reshape(-1) for k in floats])
+    assert 0.5 * STAND_IN_SCALE < float(steps.std()) < 2 * STAND_IN_SCALE
+    assert all(torch.equal(sent[k], back[k]) for k in sent if k not in floats)
+    again = _weights(make_client_app()(msg, site_context), msg)
+    assert all(torch.equal(back[k], again[k]) for k in back)
     assert reply.content["metrics"]["train_s"] == 0.0
 
 
