@@ -71,26 +71,32 @@ class Layout:
         sizes = [(f"{FLOAT}.{i:02d}", n) for i, n in enumerate(pieces) if n]
         return cls(tuple(slots), tuple(sizes + ([(INT, ints)] if ints else [])))
 
-    def pack(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32
-             ) -> dict[str, torch.Tensor]:
-        """``state`` -> ``{"float.00": 1-D dtype, …, "int": 1-D int64}`` (on the CPU)."""
+    def pack(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+             minus: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``state`` -> ``{"float.00": 1-D dtype, …, "int": 1-D int64}`` (on the CPU); with
+        ``minus`` (buffers of this layout), the float buffers hold ``state - minus``, computed
+        tensor by tensor in float32."""
         buffers = {b: torch.empty(n, dtype=dtype if kind(b) == FLOAT else torch.int64)
                    for b, n in self.sizes}
         for slot in self.slots:
-            buffers[slot.buffer][slot.start:slot.stop] = state[slot.name].detach().reshape(-1)
+            values = state[slot.name].detach().reshape(-1)
+            if minus is not None and slot.buffer != INT:
+                values = values.float() - minus[slot.buffer][slot.start:slot.stop]
+            buffers[slot.buffer][slot.start:slot.stop] = values
         return buffers
 
     def unpack(self, buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`pack`: tensors in the network's own shapes and dtypes, views of the
-        buffers where the dtypes agree."""
-        problem = self.problem(buffers)
+        buffers where the dtypes agree. Checks the buffers' structure, not their values."""
+        problem = self.problem(buffers, values=False)
         if problem:
             raise ValueError(problem)
         return {s.name: buffers[s.buffer][s.start:s.stop].view(s.shape).to(s.dtype)
                 for s in self.slots}
 
-    def problem(self, buffers: Mapping[str, torch.Tensor]) -> str | None:
-        """What is wrong with received ``buffers`` (names, sizes, dtypes, NaN/Inf); None if fine."""
+    def problem(self, buffers: Mapping[str, torch.Tensor], values: bool = True) -> str | None:
+        """What is wrong with received ``buffers`` (names, sizes, dtypes, and with ``values``
+        NaN/Inf); None if fine."""
         expected = dict(self.sizes)
         if set(buffers) != set(expected):
             missing = sorted(set(expected) - set(buffers))
@@ -105,6 +111,6 @@ class Layout:
             if floating != (kind(name) == FLOAT):
                 wanted = "floating" if kind(name) == FLOAT else "integer"
                 return f"buffer {name}: dtype {got.dtype} is not {wanted}"
-            if floating and not bool(torch.isfinite(got).all()):
+            if values and floating and not bool(torch.isfinite(got).all()):
                 return f"buffer {name}: holds NaN or Inf"
         return None

@@ -119,9 +119,12 @@ def _training(job: Job, fixed: dict[str, Any]) -> tuple[dict[str, Any], ArrayRec
                           dp_seeded=bool(fixed.get("simulation")))
     if cfg.train.keep_norm_local:
         save_local_norms(job.model, _norms_file(job.state_dir, options))
-    weights = inject_fault(fault, job.received.layout.pack(job.model.state_dict()), start,
-                           float(fixed.get("max-update-ratio", 0.0)))
-    arrays = reply_arrays(weights, job.received, wire)
+    state = job.model.state_dict()
+    if fault is not None:  # fault injection works on the packed weights
+        layout = job.received.layout
+        state = layout.unpack(inject_fault(fault, layout.pack(state), start,
+                                           float(fixed.get("max-update-ratio", 0.0))))
+    arrays = reply_arrays(state, job.received, wire)
     if fault == "shape":
         arrays = misshape(arrays)
     if fault == "inflate":

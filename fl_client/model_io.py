@@ -63,7 +63,7 @@ class Networks:
         self.key = self.model = self.layout = None
 
 
-def reply_arrays(weights: dict[str, torch.Tensor], got: Received, wire: str) -> ArrayRecord:
-    """The site's packed ``weights`` for the wire: as they are (float32), or their update
-    from the weights received (float16)."""
-    return reply_record(weights, got.buffers, wire)
+def reply_arrays(state: dict[str, torch.Tensor], got: Received, wire: str) -> ArrayRecord:
+    """The site's network (``state``) for the wire: its weights (float32), or its update from
+    the weights received (float16)."""
+    return reply_record(state, got.layout, got.buffers, wire)

@@ -24,6 +24,7 @@ from .privacy import PrivacyLedger, dp_generators, make_private, noise_only_step
 log = logging.getLogger(__name__)
 NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
 STAND_IN_SCALE = 1e-4  # train.skip: the size of the random step that stands in for training
+NOISE_PERIOD = 1_000_003  # train.skip: values of noise drawn (a prime)
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -82,16 +83,32 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
 
 
 def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE) -> None:
-    """What ``train.skip`` does instead of training: every float weight moves by a seeded
-    Gaussian step of ``scale``. A real update changes every value; returning the weights
-    untouched would let Flower skip sending objects it already holds, and a zero float16
-    update repeats one chunk, so a benchmark would count bytes that a federation sends."""
-    generator = torch.Generator().manual_seed(seed % 2**63)
+    """What ``train.skip`` does instead of training: every float weight moves by a step of
+    ``scale``, Gaussian noise drawn from ``seed`` (a stretch of ``NOISE_PERIOD`` values,
+    repeated; a prime period, so no two 5 MiB chunks of a message repeat each other). A real
+    update changes every value; returning the weights untouched would let Flower skip sending
+    objects it already holds, and a zero float16 update is one chunk repeated, so a benchmark
+    would count fewer bytes than a federation sends."""
+    noise = torch.randn(NOISE_PERIOD, generator=torch.Generator().manual_seed(seed % 2**63))
+    noise *= scale
+    offset = 0
     with torch.no_grad():
         for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                step = torch.randn(tensor.shape, generator=generator) * scale
-                tensor.add_(step.to(tensor.device, tensor.dtype))
+            if not tensor.is_floating_point():
+                continue
+            step = _cyclic(noise, offset % NOISE_PERIOD, tensor.numel())
+            tensor.add_(step.view(tensor.shape).to(tensor.device, tensor.dtype))
+            offset += tensor.numel()
+
+
+def _cyclic(values: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """``n`` values of ``values`` read cyclically from ``start`` (a view where they fit)."""
+    parts, left = [], n
+    while left:
+        take = min(left, len(values) - start)
+        parts.append(values[start:start + take])
+        left, start = left - take, 0
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def training_loss(cfg: Config) -> EGCMFLoss:

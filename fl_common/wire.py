@@ -15,6 +15,7 @@ Both sides agree on the layout because both build the same network; nothing else
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Mapping
 
@@ -35,40 +36,52 @@ CHUNK = 1 << 22  # elements per step when a norm or a check runs over a buffer
 def model_record(buffers: Mapping[str, torch.Tensor | np.ndarray], dtype: str = "float32"
                  ) -> ArrayRecord:
     """The packed model as Flower arrays: float buffers in ``dtype``, the integer one as is."""
-    out = {}
+    record = ArrayRecord()
     for name, buf in buffers.items():
         values = buf.detach().cpu().numpy() if torch.is_tensor(buf) else np.asarray(buf)
         if kind(name) == FLOAT and values.dtype != np.dtype(dtype):
             values = values.astype(dtype)
-        out[name] = Array(np.ascontiguousarray(values))
-    return ArrayRecord(out)
+        record[name] = to_array(values)
+    return record
+
+
+def to_array(values: np.ndarray) -> Array:
+    """A Flower array holding ``values`` (1-D), serialised as ``np.save`` would, in one copy."""
+    values = np.ascontiguousarray(values)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join((header.getvalue(), memoryview(values).cast("B")))
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY,
+                 data=data)
 
 
 def received(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
-    """A message's model at a site: its buffers as they came (float32 or float16), checked
-    against the layout; writable arrays the site owns."""
-    buffers = {name: array.numpy() for name, array in record.items()}
-    problem = layout.problem({k: torch.from_numpy(v) for k, v in buffers.items()})
+    """A message's model at a site: its buffers as they came (float32 or float16), their
+    structure checked against the layout (the centre validated the values). float32 ones are
+    writable copies the site owns; float16 ones read-only (the site's update is taken
+    against them)."""
+    buffers = {name: view(array) if array.dtype == "float16" else array.numpy()
+               for name, array in record.items()}
+    problem = layout.problem({k: tensor(v) for k, v in buffers.items()}, values=False)
     if problem:
         raise ValueError(f"the centre's model does not fit this site's network: {problem}")
     return buffers
 
 
 def as_float32(buffers: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Tensors of ``buffers`` in float32 (the same memory where they already are)."""
-    return {k: torch.from_numpy(v).float() if kind(k) == FLOAT else torch.from_numpy(v)
-            for k, v in buffers.items()}
+    """Writable float32 tensors of ``buffers`` (the same memory where they already are)."""
+    return {k: torch.from_numpy(v.astype(np.float32, copy=False)) if kind(k) == FLOAT
+            else torch.from_numpy(v) for k, v in buffers.items()}
 
 
-def reply_record(buffers: Mapping[str, torch.Tensor], reference: Mapping[str, np.ndarray],
-                 dtype: str) -> ArrayRecord:
-    """A site's trained model for the wire: the weights (float32), or their difference from
-    the ``reference`` it received (float16)."""
+def reply_record(state: Mapping[str, torch.Tensor], layout: Layout,
+                 reference: Mapping[str, np.ndarray], dtype: str) -> ArrayRecord:
+    """A site's trained network (``state``) for the wire: its packed weights (float32), or
+    their difference from the ``reference`` buffers it received (float16)."""
     if dtype == "float32":
-        return model_record(buffers)
-    delta = {k: (v - torch.from_numpy(reference[k]).float()).half() if kind(k) == FLOAT else v
-             for k, v in buffers.items()}
-    return model_record(delta, dtype)
+        return model_record(layout.pack(state))
+    minus = {k: tensor(v) for k, v in reference.items() if kind(k) == FLOAT}
+    return model_record(layout.pack(state, torch.float16, minus), dtype)
 
 
 def view(array: Array) -> np.ndarray:

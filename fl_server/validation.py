@@ -8,6 +8,7 @@ decoded arrays, which the strategy reads as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,16 +47,17 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
         if kind(name) != FLOAT:
             weights[name] = values
             continue
-        if not all_finite(values):
-            return f"array {name}: holds NaN or Inf", {}, 0.0
         master = model.values[name]
         if wire == "float32":
-            squares += squared_distance(values, master)
+            part = squared_distance(values, master)
             weights[name] = values
         else:  # the site's update: added to the centre's float32 weights
             update = values.astype(np.float32)
-            squares += squared_distance(update)
+            part = squared_distance(update)
             weights[name] = np.add(update, master, out=update)
+        if not math.isfinite(part) and not all_finite(values):  # a finite sum: all finite
+            return f"array {name}: holds NaN or Inf", {}, 0.0
+        squares += part
     return None, weights, squares**0.5
 
 

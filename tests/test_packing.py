@@ -81,8 +81,11 @@ def test_malformed_buffers_are_named(change, message, state: dict[str, torch.Ten
     layout = Layout.of(state)
     bad = change(layout.pack(state))
     assert message in layout.problem(bad)
-    with pytest.raises(ValueError, match=message):
-        layout.unpack(bad)
+    if message == "NaN":  # values are for the receiver to check; unpack checks the structure
+        assert layout.problem(bad, values=False) is None
+    else:
+        with pytest.raises(ValueError, match=message):
+            layout.unpack(bad)
 
 
 def test_layout_is_independent_of_weights() -> None:
