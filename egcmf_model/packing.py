@@ -76,14 +76,22 @@ class Layout:
         """``state`` -> ``{"float.00": 1-D dtype, …, "int": 1-D int64}`` (on the CPU); with
         ``minus`` (buffers of this layout), the float buffers hold ``state - minus``, computed
         tensor by tensor in float32."""
-        buffers = {b: torch.empty(n, dtype=dtype if kind(b) == FLOAT else torch.int64)
-                   for b, n in self.sizes}
+        return {b: self.pack_buffer(state, b, dtype, minus) for b, _ in self.sizes}
+
+    def pack_buffer(self, state: Mapping[str, torch.Tensor], buffer: str,
+                    dtype: torch.dtype = torch.float32,
+                    minus: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One buffer of :meth:`pack` (to pack a model a buffer at a time)."""
+        out = torch.empty(dict(self.sizes)[buffer],
+                          dtype=dtype if kind(buffer) == FLOAT else torch.int64)
         for slot in self.slots:
+            if slot.buffer != buffer:
+                continue
             values = state[slot.name].detach().reshape(-1)
-            if minus is not None and slot.buffer != INT:
-                values = values.float() - minus[slot.buffer][slot.start:slot.stop]
-            buffers[slot.buffer][slot.start:slot.stop] = values
-        return buffers
+            if minus is not None and buffer != INT:
+                values = values.float() - minus[buffer][slot.start:slot.stop]
+            out[slot.start:slot.stop] = values
+        return out
 
     def unpack(self, buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`pack`: tensors in the network's own shapes and dtypes, views of the

@@ -81,11 +81,13 @@ def _answer(msg: Message, context: Context, stage: str, networks: Networks,
             work: Callable[[], Message]) -> Message:
     """``work()``'s reply; a failure becomes an error reply that says only its class."""
     try:
-        return work()
+        reply = work()
     except Exception as exc:  # the centre learns the class of failure; the detail stays here
         networks.forget()
         site = str(dict(context.node_config).get("site", ""))
         return Message(error=public_error(exc, stage, site), reply_to=msg)
+    networks.release()  # the reply holds copies; 300 MB less while the site waits
+    return reply
 
 
 def _train(job: Job, fixed: dict[str, Any], networks: Networks) -> Message:

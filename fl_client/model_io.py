@@ -58,6 +58,11 @@ class Networks:
         model.load_state_dict(layout.unpack(as_float32(got.buffers)), assign=True)
         return model.to(device), got
 
+    def release(self) -> None:
+        """Let the weights go between messages (the network's structure stays built)."""
+        if self.model is not None:
+            self.model.to("meta")
+
     def forget(self) -> None:
         """Drop the network (after a failure: it may hold a half-done step's state)."""
         self.key = self.model = self.layout = None

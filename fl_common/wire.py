@@ -78,10 +78,13 @@ def reply_record(state: Mapping[str, torch.Tensor], layout: Layout,
                  reference: Mapping[str, np.ndarray], dtype: str) -> ArrayRecord:
     """A site's trained network (``state``) for the wire: its packed weights (float32), or
     their difference from the ``reference`` buffers it received (float16)."""
-    if dtype == "float32":
-        return model_record(layout.pack(state))
-    minus = {k: tensor(v) for k, v in reference.items() if kind(k) == FLOAT}
-    return model_record(layout.pack(state, torch.float16, minus), dtype)
+    minus = None if dtype == "float32" else {
+        k: tensor(v) for k, v in reference.items() if kind(k) == FLOAT}
+    record = ArrayRecord()
+    for name, _ in layout.sizes:  # a buffer at a time: one buffer's copy in memory at once
+        values = layout.pack_buffer(state, name, getattr(torch, dtype), minus)
+        record[name] = to_array(values.numpy())
+    return record
 
 
 def view(array: Array) -> np.ndarray:
