@@ -1,21 +1,46 @@
 #!/usr/bin/env bash
-# GPU smoke run at the paper preset, by hand on a CUDA machine (no install needed):
-#   OUT=/tmp/gpu bash bench/gpu_smoke.sh
-# Profiles every variant (Table VI), times train steps of `full` against its four VGG-UNets,
-# and trains one epoch of `full` on 2048 px synthetic ROIs to show the whole path runs on CUDA.
+# GPU checks at the paper preset, by hand on a CUDA machine (needs torch and the model's own
+# dependencies only: no Flower, no Opacus):
+#   OUT=/tmp/gpu bash bench/gpu_smoke.sh                  # fusion + amp (about 8 minutes)
+#   PARTS="profile train" OUT=/tmp/gpu bash bench/gpu_smoke.sh
+# Parts (PARTS, space-separated, default "fusion amp"):
+#   fusion   train step of `full` at 512 px (batch 2) against its four VGG-UNets, each option
+#            alone and both: plain, bf16 autocast, channels-last; peak GPU memory of the `full`
+#            step (Adam state included) is `peak_gib` (target <= 20 GiB, the paper's 24 GB card)
+#   amp      bf16 accuracy: the same training in float32 and bf16 on synthetic data, test Dice
+#            (accurate when within 0.005); bench/amp_accuracy.py
+#   profile  every variant's parameters, GFLOPs and inference time (Table VI)
+#   train    one epoch of `egcmf train --preset paper` on 2048 px synthetic ROIs (slow to make)
+#   tests    the test suite's GPU tests (pytest -m gpu), where pytest is installed
+# Every part writes JSON lines to $OUT; the log of the commands goes to $OUT/log.txt.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0
-OUT="${OUT:-/tmp/gpu_smoke}"; mkdir -p "$OUT"
+OUT="${OUT:-/tmp/gpu_smoke}"; PARTS="${PARTS:-fusion amp}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-for v in unet mrcfm mrfm mrfm+edm full; do
-  python -m egcmf_model.cli profile --preset paper --variant "$v" --runs 10 --json 2>>"$OUT/log.txt" \
-    | tail -n 1 | tee -a "$OUT/profile.jsonl"
+for part in $PARTS; do
+  case "$part" in
+    fusion)
+      for opts in "" "--amp bf16" "--channels-last" "--amp bf16 --channels-last"; do
+        # shellcheck disable=SC2086
+        python bench/fusion_overhead.py --preset paper --device cuda --steps 10 $opts \
+          2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/fusion.jsonl"
+      done ;;
+    amp)
+      python bench/amp_accuracy.py --epochs 15 --seeds 0 1 --out /tmp/amp_accuracy \
+        2>>"$OUT/log.txt" | tee "$OUT/amp.jsonl" ;;
+    profile)
+      for v in unet mrcfm mrfm mrfm+edm full; do
+        python -m egcmf_model.cli profile --preset paper --variant "$v" --runs 10 --json \
+          2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/profile.jsonl"
+      done ;;
+    train)
+      python -m egcmf_model.cli synth --out /tmp/synth2048 --sites 2 --rois-per-site 3 \
+        --size 2048 2>>"$OUT/log.txt"
+      python -m egcmf_model.cli train --preset paper --data /tmp/synth2048 --epochs 1 \
+        --out /tmp/run_paper 2>&1 | grep -vE "it/s\]|s/it\]" | tail -n 30 | tee "$OUT/train.txt" ;;
+    tests)
+      python -m pytest -q -m gpu tests/test_training.py 2>&1 | tail -n 5 | tee "$OUT/tests.txt" ;;
+    *) echo "unknown part $part (fusion, amp, profile, train, tests)" >&2; exit 2 ;;
+  esac
 done
-python bench/fusion_overhead.py --preset paper --device cuda --steps 10 | tee "$OUT/overhead.jsonl"
-python bench/fusion_overhead.py --preset paper --size 256 --device cuda --steps 10 \
-  | tee -a "$OUT/overhead.jsonl"
-python -m egcmf_model.cli synth --out /tmp/synth2048 --sites 2 --rois-per-site 3 --size 2048 \
-  2>>"$OUT/log.txt"
-python -m egcmf_model.cli train --preset paper --data /tmp/synth2048 --epochs 1 \
-  --out /tmp/run_paper 2>&1 | grep -vE "it/s\]|s/it\]" | tail -n 30 | tee "$OUT/train.txt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,14 @@ from .network import EGCMF
 def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, classes: tuple[str, ...],
                     **extra: Any) -> None:
     """Write ``path`` via a temporary file and rename: a crash never leaves half a checkpoint."""
+    write_checkpoint(path, model.state_dict(), cfg, classes, **extra)
+
+
+def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], cfg: Config,
+                     classes: tuple[str, ...], **extra: Any) -> None:
+    """:func:`save_checkpoint` for a state dict."""
     payload = {"config": to_dict(cfg), "classes": list(classes),
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+               "model": {k: v.detach().cpu() for k, v in state.items()}, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)

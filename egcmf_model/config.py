@@ -86,7 +86,10 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers; 0 keeps runs reproducible and light
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are already
-    skip: bool = False  # benchmarks only: sites return the weights untouched, no training
+    skip: bool = False  # benchmarks only: no training; sites return the weights, randomly moved
+    # bf16 autocast on a GPU (the CPU ignores it); off until measured accurate on a GPU
+    amp: str = field(default="none", metadata=_choice("none", "bf16"))
+    channels_last: bool = False  # channels-last memory on a GPU (the CPU ignores it)
     keep_norm_local: bool = False  # FedBN: each site keeps its own normalisation layers
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import determinism
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .data.transforms import tumour_ids
 from .losses import EGCMFLoss
 from .metrics import SegmentationMetrics
@@ -78,6 +80,36 @@ def lr_schedule(optimizer: torch.optim.Optimizer, kind: str,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass(frozen=True)
+class GpuSpeed:
+    """Speed options that apply on a GPU only (``train.amp``, ``train.channels_last``)."""
+
+    amp: str = "none"  # "bf16": autocast the forward pass and the loss to bfloat16
+    channels_last: bool = False  # NHWC memory for the network and its inputs
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> GpuSpeed:
+        return cls(train.amp, train.channels_last)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if device.type == "cuda" and self.amp == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def place(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """``model`` in the memory format to use on ``device``."""
+        if device.type == "cuda" and self.channels_last:
+            return model.to(memory_format=torch.channels_last)
+        return model
+
+    def batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        batch = to_device(batch, device)
+        if device.type == "cuda" and self.channels_last:
+            return {k: v.contiguous(memory_format=torch.channels_last)
+                    if torch.is_tensor(v) and v.dim() == 4 else v for k, v in batch.items()}
+        return batch
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -87,6 +119,7 @@ def train_epoch(
     progress: str | None = None,
     on_empty: Callable[[], None] | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    speed: GpuSpeed = GpuSpeed(),
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term, ``num-examples`` and
     ``steps`` (optimiser steps taken). ``scheduler`` steps after every optimiser step.
@@ -94,7 +127,7 @@ def train_epoch(
     Poisson sampling (DP-SGD) can draw an empty batch, which its loader yields as ``None``:
     ``on_empty`` runs in its place (the noise-only step), and the batch counts towards no mean.
     """
-    model.train()
+    speed.place(model, device).train()
     sums: dict[str, float] = {}
     seen = steps = 0
     # disable=None: no bar when stderr is not a terminal (CI logs, background runs)
@@ -104,9 +137,10 @@ def train_epoch(
             if on_empty is not None:
                 on_empty()
             continue
-        batch = to_device(batch, device)
+        batch = speed.batch(batch, device)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = loss_fn(forward(model, batch), batch)
+        with speed.autocast(device):
+            loss, parts = loss_fn(forward(model, batch), batch)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -127,15 +161,17 @@ def evaluate(
     classes: Sequence[str],
     device: torch.device,
     loss_fn: EGCMFLoss,
+    speed: GpuSpeed = GpuSpeed(),
 ) -> dict[str, Any]:
     """The paper's metrics on ``loader`` plus the mean loss and ``num-examples``."""
-    model.eval()
+    speed.place(model, device).eval()
     metrics = SegmentationMetrics(classes)
     loss_sum, seen = 0.0, 0
     for batch in loader:
-        batch = to_device(batch, device)
-        out = forward(model, batch)
-        loss_sum += loss_fn(out, batch)[1]["loss"] * batch["he"].shape[0]
+        batch = speed.batch(batch, device)
+        with speed.autocast(device):
+            out = forward(model, batch)
+            loss_sum += loss_fn(out, batch)[1]["loss"] * batch["he"].shape[0]
         seen += batch["he"].shape[0]
         metrics.update(out["logits"], batch["mask"])
     return {**metrics.aggregate(), "loss": loss_sum / max(seen, 1), "num-examples": seen}

@@ -39,11 +39,22 @@ class AxialCrossAttention(nn.Module):
         return hor + ver
 
     def _rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention within each row: every position attends over the W positions of its row."""
+        """Attention within each row: every position attends over the W positions of its row.
+
+        Rows are folded into the batch so that SDPA sees 4-D ``(batch, heads, seq, dim)``
+        tensors: only then does it take its fused kernels (flash or memory-efficient) instead
+        of the math path that materialises every attention matrix.
+        """
         b, c, h, w = q.shape
-        split = lambda t: t.view(b, self.heads, c // self.heads, h, w).permute(0, 3, 1, 4, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, H, heads, W, d)
-        return out.permute(0, 2, 4, 1, 3).reshape(b, c, h, w)
+        heads, d = self.heads, c // self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            t = t.view(b, heads, d, h, w).permute(0, 3, 1, 4, 2)  # (B, H, heads, W, d)
+            return t.reshape(b * h, heads, w, d)  # (B*H, heads, W, d)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B*H, heads, W, d)
+        out = out.view(b, h, heads, w, d).permute(0, 2, 4, 1, 3)  # (B, heads, d, H, W)
+        return out.reshape(b, c, h, w)
 
 
 class FusionLevel(nn.Module):

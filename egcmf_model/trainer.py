@@ -16,7 +16,14 @@ from .config import Config
 from .data.dataset import RoiDataset
 from .data.io import DataError
 from .data.source import DataSource, RoiRecord, open_source
-from .engine import build_model, evaluate, pick_device, seed_everything, train_epoch
+from .engine import (
+    GpuSpeed,
+    build_model,
+    evaluate,
+    pick_device,
+    seed_everything,
+    train_epoch,
+)
 from .losses import EGCMFLoss
 from .metrics import selection_score
 
@@ -66,13 +73,14 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
         start, best = _restore(out / "last.pt", model, optimizer, scheduler, generator, device)
         log.info("resuming after epoch %d (best val Dice %.4f)", start, best)
     out.mkdir(parents=True, exist_ok=True)
+    speed = GpuSpeed.of(cfg.train)  # bf16 autocast, channels-last: on a GPU only
     for epoch in range(start + 1, cfg.train.epochs + 1):
         train_loader.dataset.set_epoch(epoch)
         stats = train_epoch(model, train_loader, optimizer, device, loss_fn,
-                            progress=f"epoch {epoch}/{cfg.train.epochs}")
+                            progress=f"epoch {epoch}/{cfg.train.epochs}", speed=speed)
         if scheduler is not None:
             scheduler.step()
-        val = evaluate(model, val_loader, source.classes, device, loss_fn)
+        val = evaluate(model, val_loader, source.classes, device, loss_fn, speed)
         line = {"epoch": epoch, "train_loss": stats["loss"], **_scalars(val)}
         with (out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(line) + "\n")

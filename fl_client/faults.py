@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
+
+from egcmf_model.packing import FLOAT
+from egcmf_model.packing import kind as buffer_kind
 
 FAULTS = ("nan", "shape", "scale", "dropout", "inflate", "reverse")
 POISONED = ("inflate", "reverse")  # faults that send the update of :func:`inflate`
@@ -28,12 +33,13 @@ class SimulatedFailure(RuntimeError):
 def inject_fault(kind: str | None, state: dict[str, torch.Tensor],
                  received: dict[str, torch.Tensor] | None = None,
                  max_update_ratio: float = 0.0) -> dict[str, torch.Tensor]:
-    """The state dict as the faulty site would send it (unchanged when ``kind`` is None).
+    """The state dict as the faulty site would send it (unchanged when ``kind`` is None, and
+    for ``shape``, which :func:`misshape` applies to the packed reply).
 
     ``inflate`` and ``reverse`` need ``received`` (the global model of this round) and the
     centre's ``max_update_ratio`` (the simulation passes its ``--max-update-ratio``).
     """
-    if kind is None:
+    if kind in (None, "shape"):
         return state
     if kind == "dropout":
         raise SimulatedFailure("simulated site failure (fault injection: dropout)")
@@ -46,8 +52,6 @@ def inject_fault(kind: str | None, state: dict[str, torch.Tensor],
     first = next(k for k, v in out.items() if v.is_floating_point())
     if kind == "nan":
         out[first].view(-1)[0] = float("nan")
-    elif kind == "shape":
-        out[first] = torch.cat([out[first], out[first][:1]])  # one row too many
     elif kind == "scale":
         for k, v in out.items():
             if v.is_floating_point():
@@ -55,6 +59,14 @@ def inject_fault(kind: str | None, state: dict[str, torch.Tensor],
     else:
         raise ValueError(f"unknown fault {kind!r}; choose one of {', '.join(FAULTS)}")
     return out
+
+
+def misshape(record: ArrayRecord) -> ArrayRecord:
+    """The ``shape`` fault: the first float buffer one element too long, as a site running
+    another version of the network would send it."""
+    first = next(k for k in record if buffer_kind(k) == FLOAT)
+    values = record[first].numpy()
+    return ArrayRecord({**record, first: Array(np.concatenate([values, values[:1]]))})
 
 
 def inflate(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor],

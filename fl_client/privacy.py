@@ -14,19 +14,17 @@ import logging
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 
 from egcmf_model.config import PrivacyConfig
 
 from .site import IncompatibleFederation
+
+if TYPE_CHECKING:  # Opacus is imported where DP-SGD runs: it costs seconds at every start
+    from opacus.optimizers import DPOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +45,8 @@ class PrivacyLedger:
     def epsilon(self, delta: float, extra: list[tuple[float, float, int]] = ()) -> float:
         if not self.history and not extra:
             return 0.0
+        from opacus.accountants import RDPAccountant
+
         accountant = RDPAccountant()
         accountant.history = [*self.history, *extra]
         return float(accountant.get_epsilon(delta))
@@ -61,6 +61,8 @@ class PrivacyLedger:
 
 def check_compatible(model: torch.nn.Module) -> None:
     """Opacus's validator: no BatchNorm (per-sample gradients need GroupNorm), among others."""
+    from opacus.validators import ModuleValidator
+
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
@@ -114,6 +116,8 @@ def plan(dp: PrivacyConfig, sample_rate: float, steps: int) -> float:
     """Noise multiplier: as configured, or calibrated to reach epsilon after planned rounds."""
     if dp.noise_multiplier > 0:
         return dp.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
                                       sample_rate=sample_rate,
                                       steps=steps * max(1, dp.planned_rounds)))
@@ -125,6 +129,8 @@ def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLed
 
     Poisson sampling draws from ``loader.generator``, the noise from ``noise`` (both from
     :func:`dp_generators`)."""
+    from opacus import PrivacyEngine
+
     check_compatible(model)
     sample_rate = 1 / len(loader)  # as Opacus defines it for its Poisson-sampled loader
     steps = epochs * len(loader)

@@ -53,7 +53,7 @@ class RunnerOptions:
     status_file: Path  # what fl-client reads: run, node, round, whether the last round is done
     node_config: dict[str, Any]  # site, data, device, state-dir, DP settings
     ca: Path | None  # the consortium's ca.crt; None: --insecure, signatures not checked
-    poll: float = 0.5  # seconds between task queries when idle
+    poll: float = 0.1  # seconds between task queries when idle (a local request)
 
 
 class Runner:
@@ -109,9 +109,8 @@ class Runner:
                 sub_status, details = SubStatus.COMPLETED, ""
             push_message(client, reply, context)
             self._record(run, context, message, reply)
-            log.info("round %s: %s %s in %.1fs", self.status.get("round", "?"),
-                     message.metadata.message_type, "refused" if refusal else
-                     "failed" if reply.has_error() else "answered",
+            log.info("round %s: %s %s in %.1fs", self.status.get("round", "?"), _task(message),
+                     "refused" if refusal else "failed" if reply.has_error() else "answered",
                      time.perf_counter() - began)
         except Exception as exc:
             log.warning("a task could not be completed: %s", exc)
@@ -158,11 +157,20 @@ class Runner:
         rnd = int(config.get("server-round", 0)) if "server-round" in config else 0
         last = int(context.run_config.get("num-rounds", 0) or 0)
         final = (message.metadata.message_type == MessageType.EVALUATE and not reply.has_error()
-                 and last > 0 and rnd >= last)
+                 and (bool(config.get("final-evaluation")) or (last > 0 and rnd >= last)))
         previous = self.status if self.status.get("run_id") == run.run_id else {}
         self.status = {"run_id": run.run_id, "node_id": context.node_id, "round": rnd,
                        "final": bool(previous.get("final")) or final, "time": time.time()}
         atomic_write(self.opts.status_file, json.dumps(self.status).encode(), private=True)
+
+
+def _task(message: Message) -> str:
+    """What a message asks: ``evaluate``, ``train``, or ``evaluate and train``."""
+    kind = message.metadata.message_type
+    config = message.content["config"] if message.has_content() and \
+        "config" in message.content else {}
+    return f"evaluate and {kind}" if kind == MessageType.TRAIN and config.get("evaluate") \
+        else kind
 
 
 def _task_heartbeat(client: RuntimeHttpClient):

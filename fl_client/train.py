@@ -17,7 +17,7 @@ import torch
 
 from egcmf_model.config import Config
 from egcmf_model.data.source import RoiRecord
-from egcmf_model.engine import evaluate, lr_schedule, seed_everything, train_epoch
+from egcmf_model.engine import GpuSpeed, evaluate, lr_schedule, seed_everything, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
@@ -25,6 +25,8 @@ from .privacy import PrivacyLedger, dp_generators, make_private, noise_only_step
 
 log = logging.getLogger(__name__)
 NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
+STAND_IN_SCALE = 1e-4  # train.skip: the size of the random step that stands in for training
+NOISE_PERIOD = 1_000_003  # train.skip: values of noise drawn (a prime)
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -55,9 +57,10 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     Under DP-SGD (``cfg.dp.enabled``) the loss is per sample, and Poisson sampling and noise
     draw from the OS's entropy unless ``dp_seeded`` (simulations only: then they follow
     ``seed``). With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is
-    trained.
+    trained: :func:`stand_in_update` moves the weights.
     """
     if cfg.train.skip:
+        stand_in_update(model, seed)
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
                 "epsilon": NO_DP, "site-weight": 1, "steps": 0}
     if steps is not None and cfg.dp.enabled:
@@ -71,10 +74,11 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         generator, noise = dp_generators(seed if dp_seeded else None, device)
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator)
-    if cfg.dp.enabled and cfg.dp.freeze_encoders:
-        for name, p in model.named_parameters():
-            if ".encoder." in name:
-                p.requires_grad_(False)
+    frozen = [p for name, p in model.named_parameters()
+              if cfg.dp.enabled and cfg.dp.freeze_encoders and ".encoder." in name
+              and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
@@ -96,7 +100,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         loader.dataset.set_epoch(epoch)
         batches = loader if steps is None else itertools.islice(loader, steps - done)
         stats = train_epoch(trained, batches, optimizer, device, loss_fn,
-                            on_empty=on_empty, scheduler=scheduler)
+                            on_empty=on_empty, scheduler=scheduler,
+                            speed=GpuSpeed.of(cfg.train))
         done, epoch = done + stats["steps"], epoch + 1
         if not stats["steps"]:
             break
@@ -106,10 +111,41 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         epsilon = ledger.epsilon(cfg.dp.delta)
         trained.del_grad_sample()  # leave the plain model behind, as it came in
         trained.remove_hooks()
+    for p in frozen:  # the site keeps its network for the next message
+        p.requires_grad_(True)
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
             "train_s": time.perf_counter() - start, "epsilon": epsilon,
             "site-weight": 1,  # for aggregations that count sites, not tiles
             "steps": done}
+
+
+def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE) -> None:
+    """What ``train.skip`` does instead of training: every float weight moves by a step of
+    ``scale``, Gaussian noise drawn from ``seed`` (a stretch of ``NOISE_PERIOD`` values,
+    repeated; a prime period, so no two 5 MiB chunks of a message repeat each other). A real
+    update changes every value; returning the weights untouched would let Flower skip sending
+    objects it already holds, and a zero float16 update is one chunk repeated, so a benchmark
+    would count fewer bytes than a federation sends."""
+    noise = torch.randn(NOISE_PERIOD, generator=torch.Generator().manual_seed(seed % 2**63))
+    noise *= scale
+    offset = 0
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if not tensor.is_floating_point():
+                continue
+            step = _cyclic(noise, offset % NOISE_PERIOD, tensor.numel())
+            tensor.add_(step.view(tensor.shape).to(tensor.device, tensor.dtype))
+            offset += tensor.numel()
+
+
+def _cyclic(values: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """``n`` values of ``values`` read cyclically from ``start`` (a view where they fit)."""
+    parts, left = [], n
+    while left:
+        take = min(left, len(values) - start)
+        parts.append(values[start:start + take])
+        left, start = left - take, 0
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def training_loss(cfg: Config) -> EGCMFLoss:
@@ -144,7 +180,8 @@ def local_evaluate(model: torch.nn.Module, records: list[RoiRecord], classes: tu
         return {"dice": 0.0, "miou": 0.0, "acc": 0.0, "loss": 0.0, "num-examples": len(records),
                 "confusion": [0] * (k * k), "site-weight": 1}
     loader = make_loader(records, classes, cfg, train=False)
-    result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma))
+    result = evaluate(model, loader, classes, device, EGCMFLoss(cfg.loss.gamma),
+                      GpuSpeed.of(cfg.train))
     return {"dice": _finite(result["dice"]), "miou": _finite(result["miou"]),
             "acc": _finite(result["acc"]), "loss": float(result["loss"]),
             "num-examples": int(result["num-examples"]),

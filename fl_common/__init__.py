@@ -2,6 +2,9 @@
 
 The centre (``fl_server``) and the hospitals (``fl_client``) never import each other; what they
 must agree on lives here: the format of the consortium's app signature (the centre signs, a site
-verifies), how an address is read and when clear text is allowed, how key files are written, and
-how our commands supervise Flower's processes. Pure standard library and ``cryptography``.
+verifies), how an address is read and when clear text is allowed, how key files are written,
+how our commands supervise Flower's processes (standard library and ``cryptography``), and how
+the model crosses the wire (:mod:`fl_common.wire`: numpy, torch and Flower's arrays).
 """
+
+WIRE_DTYPES = ("float32", "float16")  # the forms a model may travel in (fl_common.wire)

@@ -7,11 +7,14 @@ A hospital builds its replies to this schema; the centre drops any reply that de
 from __future__ import annotations
 
 ARRAYS, METRICS, SITE = "arrays", "metrics", "site"  # the records of a reply, by name
+# A training message may ask the site to evaluate the model it brings first: the reply then
+# also holds that evaluation; if the training then fails, the failure's class in its place.
+EVALUATION, FAILURE = "evaluation", "failure"
 TRAIN_RECORDS = frozenset({ARRAYS, METRICS, SITE})
 EVALUATE_RECORDS = frozenset({METRICS, SITE})
 
 EXAMPLES = "num-examples"  # training or validation tiles: FedAvg's weight
 SITE_WEIGHT = "site-weight"  # always 1: for aggregations that count sites, not tiles
 CONFUSION = "confusion"  # evaluate: the class-by-class confusion counts, row-major
-TRAIN_METRICS = frozenset({"train_loss", EXAMPLES, "train_s", "epsilon", SITE_WEIGHT})
+TRAIN_METRICS = frozenset({"train_loss", EXAMPLES, "train_s", "epsilon", SITE_WEIGHT, "steps"})
 EVALUATE_METRICS = frozenset({"dice", "miou", "acc", "loss", EXAMPLES, CONFUSION, SITE_WEIGHT})

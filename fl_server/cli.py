@@ -17,7 +17,12 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals do not phone home
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from .settings import ROUND_FLAGS, add_settings_arguments, settings_from_args
+from .settings import (
+    ROUND_FLAGS,
+    add_settings_arguments,
+    check_keep_checkpoints,
+    settings_from_args,
+)
 
 log = logging.getLogger("fl-server")
 START_FLAGS = (*ROUND_FLAGS, "timeout")
@@ -118,6 +123,7 @@ def _start(args: argparse.Namespace) -> int:
     address = parse_address(args.address, "--address")
     if args.timeout <= 0:
         raise ValueError(f"--round-timeout must be positive, got {args.timeout:g}")
+    check_keep_checkpoints(args.keep_checkpoints)
     if args.insecure:
         check_insecure(address, "hospital")
     elif not (args.certs / "server.key").exists():

@@ -1,8 +1,9 @@
-"""The coordinating centre's round loop: train, aggregate, evaluate, record; resumable.
+"""The coordinating centre's round loop: evaluate and train, aggregate, record; resumable.
 
 Flower's strategies do the sampling and the weighted averaging; this loop adds what a hospital
-consortium needs around them: replies sorted by site before aggregation (bitwise-reproducible
-sums), per-site metrics keyed by site name, a checkpoint per round and resume after a crash.
+consortium needs around them: the model sent once per round (:class:`Rounds`), packed, every
+update validated, replies sorted by site before aggregation (bitwise-reproducible sums),
+per-site metrics keyed by site name, a checkpoint per round and resume after a crash.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import (
     AggregationError,
@@ -26,10 +28,12 @@ from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, seed_everything
-from egcmf_model.metrics import SegmentationMetrics
-from fl_common.replies import SITE
+from egcmf_model.packing import INT, Layout
+from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
 
+from .global_model import GlobalModel
 from .identity import SiteIdentity
+from .lines import evaluation_part, merge, training_part
 from .recorder import RunRecorder
 from .settings import RUN_DEFINING, FederationSettings, run_config_key
 from .strategy import (
@@ -40,15 +44,16 @@ from .strategy import (
     strategy_state,
 )
 from .validation import (
-    Checked,
     Rejection,
     UpdateRules,
-    check_evaluations,
     check_updates,
-    without_negative_variances,
+    evaluation_problem,
+    failure_problem,
+    record_problem,
 )
 
 log = logging.getLogger(__name__)
+REPLY_POLL = 0.2  # seconds between asking the SuperLink for replies
 
 
 def strategy_options(settings: FederationSettings) -> StrategyOptions:
@@ -82,52 +87,38 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                                  settings.trim_fraction, settings.krum_f)
     if problem:
         raise ValueError(problem)
-    model = build_model(cfg.model, classes)
-    recorder = RunRecorder(Path(settings.run_dir), cfg, classes)
+    network = build_model(cfg.model, classes)  # the initial model, from the run's seed
+    recorder = RunRecorder(Path(settings.run_dir), cfg, classes, settings.keep_checkpoints)
     recorder.settings = saved_settings(settings)
-    start, payload = _resume(recorder, model, settings, cfg) if settings.resume else (0, None)
+    start, payload = _resume(recorder, network, settings, cfg) if settings.resume else (0, None)
     strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
-    arrays = ArrayRecord(model.state_dict())
+    model = GlobalModel.of_state(Layout.of(network.state_dict()), network.state_dict())
+    del network
     config_yaml = to_yaml(cfg)
-    config = ConfigRecord({"egcmf-config": config_yaml,
+    config = ConfigRecord({"egcmf-config": config_yaml, "wire": settings.wire,
                            "federation-id": federation_id(settings.run_dir, config_yaml),
                            "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
-    if start == 0:  # the initial model on every site: the baseline that training must beat
-        recorder.initial = _initial(grid, strategy, arrays, config, settings, recorder, classes)
-    seconds = {}
+    rounds = Rounds(grid, settings, strategy, recorder, classes, config, model,
+                    (payload or {}).get("pending"))
+    seconds, done = {}, start
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
         try:
-            arrays, line = run_round(grid, strategy, rnd, arrays, config, settings, recorder,
-                                     classes)
+            train_s = rounds.run(rnd)
         except PrivacyBudgetExhausted as exc:
             recorder.event("privacy", f"stopping before round {rnd}: {exc}", round=rnd)
             log.warning("server-side DP budget spent; stopping before round %d", rnd)
             break
-        accountant = getattr(strategy, "accountant", None)
-        if accountant is not None:  # server-side DP: the released model's cumulative epsilon
-            line["server_epsilon"] = float(accountant.get_privacy_spent().epsilon)
-        train_s = line.pop("train_s")
-        model.load_state_dict(arrays.to_torch_state_dict())
-        arrays = ArrayRecord(model.state_dict())  # back to the network's dtypes (int counters)
-        recorder.record_round(rnd, model, line, strategy_state(strategy))
         seconds[rnd] = {"round": round(time.perf_counter() - began, 3), "site_train": train_s}
-        _log_round(rnd, settings.num_rounds, line)
+        done = rnd
+    began = time.perf_counter()
+    rounds.final_evaluation(done)
+    recorder.finish(done)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
-                                  round_seconds=seconds)
-
-
-def _initial(grid: Grid, strategy: Strategy, arrays: ArrayRecord, config: ConfigRecord,
-             settings: FederationSettings, recorder: RunRecorder, classes: tuple[str, ...]
-             ) -> dict[str, Any]:
-    initial = _round_line([], _evaluate(grid, strategy, 0, arrays, config, settings, recorder,
-                                        classes), classes)
-    initial.pop("train_s")
-    log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f", initial["dice"],
-             initial["miou"], initial["acc"], initial["loss"])
-    return initial
+                                  wire=settings.wire, round_seconds=seconds,
+                                  final_evaluation_seconds=round(time.perf_counter() - began, 3))
 
 
 def saved_settings(settings: FederationSettings) -> dict[str, Any]:
@@ -135,14 +126,15 @@ def saved_settings(settings: FederationSettings) -> dict[str, Any]:
     return {run_config_key(name): getattr(settings, name) for name in RUN_DEFINING}
 
 
-def _resume(recorder: RunRecorder, model: torch.nn.Module, settings: FederationSettings,
+def _resume(recorder: RunRecorder, network: torch.nn.Module, settings: FederationSettings,
             cfg: Config) -> tuple[int, dict[str, Any] | None]:
-    """The last completed round and its checkpoint, loaded into ``model`` (0, None if none);
-    a larger number of rounds than the checkpoint's is recorded."""
+    """The last checkpointed round and its checkpoint, loaded into ``network`` (0, None if
+    none); a larger number of rounds than the checkpoint's is recorded."""
     start, payload = recorder.last_round()
+    recorder.truncate_metrics(start - 1)  # round `start`'s line comes with the next round
     if payload is None:
         return 0, None
-    model.load_state_dict(payload["model"])
+    network.load_state_dict(payload["model"])
     recorder.event("resume", f"resuming after round {start}")
     log.info("resuming after round %d", start)
     planned = int(payload.get("settings", {}).get("num-rounds", settings.num_rounds))
@@ -160,86 +152,176 @@ def federation_id(run_dir: str, config_yaml: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
-              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder,
-              classes: tuple[str, ...]) -> tuple[ArrayRecord, dict[str, Any]]:
-    """One round: local training, checks, aggregation, then evaluation of the new global
-    model. A bad reply is left out; nothing a site sends raises out of the round."""
-    messages = list(strategy.configure_train(rnd, arrays, config, grid))
-    train = _replies(grid.send_and_receive(messages, timeout=settings.timeout), rnd, "train",
-                     recorder, settings)
-    checked = check_updates(train, arrays, site_of, settings.caps("train"),
-                            update_rules(settings), len(classes))
-    _log_rejections(checked.rejected, rnd, "update", recorder)
-    new_arrays = _aggregate(strategy, rnd, checked.kept, len(messages), settings, recorder)
-    if new_arrays is None:
-        new_arrays = arrays
-    new_arrays, raised = without_negative_variances(new_arrays)
-    if raised:
-        log.info("round %d: %d BatchNorm running variance(s) below 0 after aggregation raised "
-                 "to 0", rnd, raised)
-    evaluation = _evaluate(grid, strategy, rnd, new_arrays, config, settings, recorder, classes)
-    strategy.aggregate_evaluate(rnd, evaluation)
-    return new_arrays, _round_line(checked.kept, evaluation, classes, checked)
+class Rounds:
+    """The rounds of one run. Round r sends the global model of round r - 1 once to each site,
+    which evaluates it and then trains on it; its reply brings both. The evaluation completes
+    the metrics line of round r - 1 (the initial model's for r = 1), the training makes the
+    global model of round r. The last model gets an evaluation-only message."""
+
+    def __init__(self, grid: Grid, settings: FederationSettings, strategy: Strategy,
+                 recorder: RunRecorder, classes: tuple[str, ...], config: ConfigRecord,
+                 model: GlobalModel, pending: dict[str, Any] | None) -> None:
+        self.grid, self.settings, self.strategy = grid, settings, strategy
+        self.recorder, self.classes, self.config = recorder, classes, config
+        self.model = model
+        self.pending = pending  # the training part of the newest round's line
+
+    def run(self, rnd: int) -> dict[str, float]:
+        """Round ``rnd``; returns each site's training seconds."""
+        config = ConfigRecord({**self.config, "evaluate": True})
+        messages = self._with_model(self.strategy.configure_train(
+            rnd, self.model.floats, config, self.grid))
+        replies = self._replies(messages, rnd, "train")
+        self._evaluated(rnd - 1, [(site_of(m), m.content.pop(EVALUATION))
+                                  for m in replies if EVALUATION in m.content])
+        failed = [m for m in replies if FAILURE in m.content]
+        self._failures(rnd, failed)
+        s = self.settings
+        checked = check_updates([m for m in replies if FAILURE not in m.content], self.model,
+                                s.wire, site_of, s.caps("train"), update_rules(s),
+                                len(self.classes))
+        self._rejected(rnd, "update", checked.rejected)
+        training = training_part(checked.kept, site_of, checked.norms)
+        self.model = self._aggregate(rnd, checked.kept, len(messages))
+        accountant = getattr(self.strategy, "accountant", None)
+        if accountant is not None:  # server-side DP: the released model's cumulative epsilon
+            training["server_epsilon"] = float(accountant.get_privacy_spent().epsilon)
+        self.pending = {k: v for k, v in training.items() if k != "train_s"}
+        self.recorder.save_round(rnd, self.model.state(), pending=self.pending,
+                                 strategy_state=strategy_state(self.strategy))
+        return training["train_s"]
+
+    def final_evaluation(self, done: int) -> None:
+        """The global model of round ``done`` (the last) evaluated on every site."""
+        config = ConfigRecord({**self.config, "final-evaluation": True})
+        messages = self._with_model(self.strategy.configure_evaluate(
+            done, self.model.floats, config, self.grid))
+        replies = self._replies(messages, done, "evaluate")
+        good, rejected = [], []
+        for msg in replies:
+            problem = record_problem(msg.content, "evaluate", len(self.classes))
+            if problem:
+                rejected.append(Rejection(site_of(msg), problem))
+            else:
+                good.append((site_of(msg), msg.content[METRICS]))
+        self._rejected(done, "evaluation", rejected)
+        self._evaluated(done, good)
+
+    def _failures(self, rnd: int, failed: list[Message]) -> None:
+        """Sites whose training failed after their evaluation: the class of failure logged."""
+        for msg in failed:
+            problem = failure_problem(msg.content)
+            reason = (f"an unreadable failure reply ({problem})" if problem
+                      else msg.content[FAILURE]["reason"])
+            self.recorder.event("error", f"round {rnd} train: site {site_of(msg)} failed: "
+                                f"{reason}", round=rnd)
+
+    def _rejected(self, rnd: int, what: str, rejected: list[Rejection]) -> None:
+        for r in rejected:
+            log.warning("round %d: %s of site %s rejected: %s", rnd, what, r.site, r.reason)
+            self.recorder.event("rejected", f"round {rnd}: {what} of site {r.site} rejected: "
+                                f"{r.reason}", round=rnd, site=r.site)
+
+    def _aggregate(self, rnd: int, updates: list[Message], sampled: int) -> GlobalModel:
+        """The strategy's aggregate of the valid updates; the global model unchanged (logged)
+        when there is none."""
+        s = self.settings
+        problem = protection_problem(s.strategy, len(updates), s.trim_fraction, s.krum_f)
+        if problem and updates:
+            log.warning("round %d: %s", rnd, problem)
+            self.recorder.event("protection", f"round {rnd}: {problem}", round=rnd)
+        ints = [m.content["arrays"].pop(INT).numpy() for m in updates
+                if INT in m.content["arrays"]]
+        floats = self._strategy_aggregate(rnd, updates, sampled)
+        if floats is None:
+            return self.model
+        model = GlobalModel.aggregated(self.model, floats, ints)
+        model, raised = model.without_negative_variances()
+        if raised:
+            log.info("round %d: %d BatchNorm running variance(s) below 0 after aggregation "
+                     "raised to 0", rnd, raised)
+        return model
+
+    def _strategy_aggregate(self, rnd: int, updates: list[Message], sampled: int) -> Any:
+        """The strategy's float buffers for the round, or None (logged) when there are none;
+        nothing a site sends raises out of here."""
+        s, event = self.settings, self.recorder.event
+        server_dp = s.server_dp_noise > 0
+        if not server_dp and len(updates) < s.min_sites:
+            event("warning", f"round {rnd}: {len(updates)} valid update(s), fewer than "
+                  f"min-sites={s.min_sites}; global model unchanged", round=rnd)
+            return None
+        try:  # server-side DP: always called, so that Flower settles the round's privacy event
+            floats, _ = self.strategy.aggregate_train(rnd, updates)
+        except (InconsistentMessageReplies, AggregationError) as exc:
+            event("warning", f"round {rnd}: aggregation failed ({exc}); global model "
+                  "unchanged", round=rnd)
+            return None
+        except ZeroDivisionError:  # Flower 1.42's server-side clipping of an update of norm 0
+            event("warning", f"round {rnd}: a site sent the global model back unchanged, "
+                  "which Flower's server-side DP clipping cannot divide by; round skipped: "
+                  "global model unchanged, no privacy spent", round=rnd)
+            return None
+        if floats is None and server_dp:
+            message = (f"round {rnd}: {len(updates)} valid update(s) of the {sampled} sites "
+                       "sampled; server-side DP averages only complete rounds, so Flower "
+                       "skipped this round's aggregation: global model unchanged, no privacy "
+                       "spent")
+            log.warning(message)
+            event("server-dp-skipped", message, round=rnd, valid=len(updates), sampled=sampled)
+        elif floats is None:
+            event("warning", f"round {rnd}: nothing aggregated; global model unchanged",
+                  round=rnd)
+        return floats
+
+    def _evaluated(self, number: int, evaluations: list[tuple[str, Any]]) -> None:
+        """Record the evaluation of the global model of round ``number`` (0: the initial);
+        evaluations that fail the checks are left out."""
+        if number < 0:
+            return
+        caps, good, rejected = self.settings.caps("evaluate"), [], []
+        for site, metrics in evaluations:
+            problem = evaluation_problem(metrics, caps.get(site), len(self.classes))
+            if problem:
+                rejected.append(Rejection(site, problem))
+            else:
+                good.append((site, metrics))
+        self._rejected(max(number, 0), "evaluation", rejected)
+        evaluation = evaluation_part(good, self.classes)
+        if number == 0:
+            self.recorder.initial = evaluation
+            log.info("initial model  dice %.4f  miou %.4f  acc %.4f  loss %.4f",
+                     evaluation["dice"], evaluation["miou"], evaluation["acc"],
+                     evaluation["loss"])
+            return
+        line = merge(self.pending, evaluation)
+        self.recorder.record_line(number, line)
+        _log_round(number, self.settings.num_rounds, line)
+
+    def _with_model(self, messages: Iterable[Message]) -> list[Message]:
+        """The strategy's messages carrying the model in the wire's form."""
+        messages = list(messages)
+        for msg in messages:
+            msg.content["arrays"] = self.model.wire(self.settings.wire)
+        return messages
+
+    def _replies(self, messages: list[Message], rnd: int, stage: str) -> list[Message]:
+        return _replies(exchange(self.grid, messages, self.settings.timeout), rnd, stage,
+                        self.recorder, self.settings)
 
 
-def _aggregate(strategy: Strategy, rnd: int, updates: list[Message], sampled: int,
-               settings: FederationSettings, recorder: RunRecorder) -> ArrayRecord | None:
-    """The strategy's aggregate of the valid updates, or None (logged) when there is none."""
-    problem = protection_problem(settings.strategy, len(updates), settings.trim_fraction,
-                                 settings.krum_f)
-    if problem and updates:
-        log.warning("round %d: %s", rnd, problem)
-        recorder.event("protection", f"round {rnd}: {problem}", round=rnd)
-    server_dp = settings.server_dp_noise > 0
-    if not server_dp and len(updates) < settings.min_sites:
-        recorder.event("warning", f"round {rnd}: {len(updates)} valid update(s), fewer than "
-                       f"min-sites={settings.min_sites}; global model unchanged", round=rnd)
-        return None
-    try:  # server-side DP: always called, so that Flower settles the round's privacy event
-        new_arrays, _ = strategy.aggregate_train(rnd, updates)
-    except (InconsistentMessageReplies, AggregationError) as exc:
-        recorder.event("warning", f"round {rnd}: aggregation failed ({exc}); global model "
-                       "unchanged", round=rnd)
-        return None
-    except ZeroDivisionError:  # Flower 1.42's server-side clipping of an update of norm 0
-        recorder.event("warning", f"round {rnd}: a site sent the global model back unchanged, "
-                       "which Flower's server-side DP clipping cannot divide by; round "
-                       "skipped: global model unchanged, no privacy spent", round=rnd)
-        return None
-    if new_arrays is None and server_dp:
-        message = (f"round {rnd}: {len(updates)} valid update(s) of the {sampled} sites "
-                   "sampled; server-side DP averages only complete rounds, so Flower skipped "
-                   "this round's aggregation: global model unchanged, no privacy spent")
-        log.warning(message)
-        recorder.event("server-dp-skipped", message, round=rnd, valid=len(updates),
-                       sampled=sampled)
-    elif new_arrays is None:
-        recorder.event("warning", f"round {rnd}: nothing aggregated; global model unchanged",
-                       round=rnd)
-    return new_arrays
-
-
-def _log_rejections(rejected: list[Rejection], rnd: int, what: str,
-                    recorder: RunRecorder) -> None:
-    for r in rejected:
-        log.warning("round %d: %s of site %s rejected: %s", rnd, what, r.site, r.reason)
-        recorder.event("rejected", f"round {rnd}: {what} of site {r.site} rejected: {r.reason}",
-                       round=rnd, site=r.site)
-
-
-def _evaluate(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord,
-              config: ConfigRecord, settings: FederationSettings, recorder: RunRecorder,
-              classes: tuple[str, ...]) -> list[Message]:
-    """The global model ``arrays`` evaluated on the sites' validation splits; the replies that
-    pass the checks."""
-    replies = _replies(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config,
-                                                                         grid),
-                                             timeout=settings.timeout), rnd, "evaluate",
-                       recorder, settings)
-    checked = check_evaluations(replies, site_of, settings.caps("evaluate"), len(classes))
-    _log_rejections(checked.rejected, rnd, "evaluation", recorder)
-    return checked.kept
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Flower's ``send_and_receive``, asking for replies every ``REPLY_POLL`` seconds (Flower's
+    own asks every 3 s, which a round would wait for twice)."""
+    waiting = set(grid.push_messages(messages))
+    deadline, replies = time.monotonic() + timeout, []
+    while waiting and time.monotonic() < deadline:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {msg.metadata.reply_to_message_id for msg in got}
+        if waiting:
+            time.sleep(REPLY_POLL)
+    return replies
 
 
 def site_of(msg: Message) -> str:
@@ -275,37 +357,6 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
         recorder.event("identity", f"round {rnd} {stage}: {problem.message}", round=rnd,
                        node=node, registered=problem.registered, claimed=problem.claimed)
     return sorted(good, key=site_of)
-
-
-def _round_line(train: list[Message], evaluation: list[Message], classes: tuple[str, ...],
-                checked: Checked | None = None) -> dict[str, Any]:
-    sites: dict[str, dict[str, Any]] = {}
-    timings: dict[str, float] = {}  # wall-clock, so kept out of the reproducible metrics line
-    for msg in train:
-        m = msg.content["metrics"]
-        entry = sites.setdefault(site_of(msg), {})
-        entry.update({"train_loss": float(m["train_loss"]), "num-examples": int(m["num-examples"])})
-        timings[site_of(msg)] = round(float(m["train_s"]), 3)
-        if float(m.get("epsilon", -1.0)) >= 0:  # sites training with DP-SGD
-            entry["epsilon"] = float(m["epsilon"])
-        norms = checked.norms.get(site_of(msg), {}) if checked else {}
-        if "weights" in norms:  # the update as the site sent it, before any clipping
-            entry["update_norm"] = round(norms["weights"], 6)
-    pooled = SegmentationMetrics(classes)
-    loss_sum, n_sum = 0.0, 0
-    for msg in evaluation:
-        m = msg.content["metrics"]
-        entry = sites.setdefault(site_of(msg), {})
-        entry.update({k: float(m[k]) for k in ("dice", "miou", "acc", "loss")})
-        entry["val-examples"] = int(m["num-examples"])
-        k = len(classes)
-        pooled.confusion += np.asarray(m["confusion"], np.int64).reshape(k, k)
-        loss_sum += float(m["loss"]) * int(m["num-examples"])
-        n_sum += int(m["num-examples"])
-    agg = pooled.aggregate()
-    return {"dice": agg["dice"], "miou": agg["miou"], "acc": agg["acc"],
-            "loss": loss_sum / n_sum if n_sum else float("nan"),
-            "sites": dict(sorted(sites.items())), "train_s": dict(sorted(timings.items()))}
 
 
 def _log_round(rnd: int, total: int, line: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from .settings import run_config_defaults
 log = logging.getLogger("fl-server")
 CONNECTION = "egcmf"
 POLL_SECONDS = 1.0
+SUPEREXEC_POLL = 0.2  # seconds; Flower's default is 1
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,9 @@ def _start_superlink(children: Children, opts: StartOptions) -> str:
         args += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
                  "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"]
     log_file = opts.run_dir / "superlink.log"
-    proc = children.start("superlink", args, log_file, flower_env())
+    # Flower's SuperExec starts the ServerApp once it sees the run; it looks every second
+    proc = children.start("superlink", args, log_file,
+                          flower_env(FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL)))
     deadline = time.monotonic() + opts.startup_timeout
     while not ready.exists():
         if proc.poll() is not None:

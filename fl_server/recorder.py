@@ -1,25 +1,38 @@
-"""The run folder: a checkpoint per round, best.pt, metrics.jsonl, events.jsonl, summary.json.
+"""The run folder: round checkpoints, best.pt, final.pt, metrics.jsonl, events.jsonl, summary.json.
 
 ``metrics.jsonl`` holds exactly one line per completed round (rounds from 1), with the
 aggregated ``dice``, ``miou``, ``acc``, ``loss`` and ``sites``: per-site flat scalar objects keyed
-by site name. A round's checkpoint is written before its metrics line, so a crash between the
-two loses nothing: resume drops lines newer than the last checkpoint and redoes that round.
+by site name. A round's checkpoint is on disk before its metrics line is written, so a crash
+between the two loses nothing: resume drops the lines it will write again and redoes them.
+
+Checkpoints are written by one background thread, in the order they are asked for, so that a
+round does not wait for 300 MB to reach the disk: the recorder keeps the state dict it is given
+until it is written (pass tensors that nobody changes afterwards). Only the newest
+``keep`` round checkpoints stay (resume needs the last one alone); ``best.pt`` and ``final.pt``
+are hard links to a round's file (a copy where the file system has none), never a second
+serialisation. A checkpoint's ``best`` is the best round known when it was written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from egcmf_model.checkpoint import read_checkpoint, save_checkpoint
+from egcmf_model.checkpoint import read_checkpoint, write_checkpoint
 from egcmf_model.config import Config
 from egcmf_model.metrics import selection_score
+
+from .settings import DEFAULTS, check_keep_checkpoints
 
 ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
 
@@ -33,13 +46,33 @@ def clean(value: Any) -> Any:
     return value
 
 
+def round_file(run_dir: Path, number: int) -> Path:
+    return run_dir / f"round_{number:03d}.pt"
+
+
+def link(source: Path, target: Path) -> None:
+    """``target`` becomes the same file as ``source`` (atomically replaced)."""
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links on this file system: a byte copy, still no re-serialising
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 class RunRecorder:
-    def __init__(self, run_dir: Path, cfg: Config, classes: tuple[str, ...]) -> None:
-        self.dir, self.cfg, self.classes = run_dir, cfg, classes
+    def __init__(self, run_dir: Path, cfg: Config, classes: tuple[str, ...],
+                 keep: int = DEFAULTS.keep_checkpoints) -> None:
+        check_keep_checkpoints(keep)
+        self.dir, self.cfg, self.classes, self.keep = run_dir, cfg, classes, keep
         self.dir.mkdir(parents=True, exist_ok=True)
         self.best: dict[str, Any] | None = None
         self.initial: dict[str, Any] | None = None  # the initial model's evaluation (round 0)
         self.settings: dict[str, Any] = {}  # the settings a resume must keep (in checkpoints)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
+        self._queued: list[Future] = []
+        self._failed = False  # a write failed: nothing queued after it is written
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         line = {"time": round(time.time(), 3), "kind": kind, "message": message, **fields}
@@ -47,33 +80,52 @@ class RunRecorder:
             fh.write(json.dumps(clean(line)) + "\n")
 
     def last_round(self) -> tuple[int, dict[str, Any] | None]:
-        """The newest completed round on disk and its checkpoint payload (0, None if none)."""
-        rounds = sorted((int(m.group(1)), p) for p in self.dir.glob("round_*.pt")
-                        if (m := ROUND_FILE.search(p.name)))
+        """The newest checkpointed round and its payload (0, None if none)."""
+        rounds = self._round_files()
         if not rounds:
             return 0, None
         number, path = rounds[-1]
         payload = read_checkpoint(path)
         self.best = payload.get("best")
         self.initial = payload.get("initial")
-        self._truncate_metrics(number)
         return number, payload
 
-    def record_round(self, number: int, model: torch.nn.Module, line: dict[str, Any],
-                     strategy_state: dict[str, Any] | None = None) -> None:
-        """Checkpoint the global model, keep the best by ``dice``, then append the metrics line."""
-        score = selection_score(line.get("dice"))
-        improved = self.best is None or score > selection_score(self.best["dice"])
-        if improved:
-            self.best = {"round": number, "dice": clean(line.get("dice"))}
-        state = {"round": number, "metrics": clean(line), "best": self.best,
-                 "initial": clean(self.initial), "strategy_state": strategy_state or {},
-                 "settings": self.settings}
-        save_checkpoint(self.dir / f"round_{number:03d}.pt", model, self.cfg, self.classes, **state)
-        if improved:
-            save_checkpoint(self.dir / "best.pt", model, self.cfg, self.classes, **state)
-        with (self.dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(clean({"round": number, **line})) + "\n")
+    def save_round(self, number: int, state: Mapping[str, torch.Tensor], **extra: Any) -> None:
+        """Queue ``round_NNN.pt``: the global model after round ``number``, with what resume
+        needs (``extra``); older round checkpoints beyond ``keep`` go once it is written."""
+        payload = {"round": number, "best": self.best, "initial": clean(self.initial),
+                   "settings": self.settings, **extra}
+        self._queue(self._write_round, number, state, payload)
+
+    def record_line(self, number: int, line: dict[str, Any]) -> None:
+        """Queue the metrics line of the global model of round ``number`` (its checkpoint is
+        written first); ``best.pt`` follows it when its ``dice`` is the best so far."""
+        self._queue(self._append_line, number, line, self._improves(number, line))
+
+    def record_round(self, number: int, state: Mapping[str, torch.Tensor],
+                     line: dict[str, Any], **extra: Any) -> None:
+        """A round whose model and metrics are known together: checkpoint, then its line."""
+        improved = self._improves(number, line)
+        self.save_round(number, state, metrics=clean(line), **extra)
+        self._queue(self._append_line, number, line, improved)
+
+    def finish(self, number: int) -> None:
+        """``final.pt``: the global model of the last round ``number``."""
+        if number > 0:
+            self._queue(link, round_file(self.dir, number), self.dir / "final.pt")
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk; raises what a write raised."""
+        for future in self._queued:
+            future.result()
+        self._queued = []
+
+    def truncate_metrics(self, last: int) -> None:
+        """Drop metrics lines of rounds after ``last`` (a resume writes them again)."""
+        self.flush()
+        kept = [line for line in self.metrics() if line["round"] <= last]
+        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.dir / "metrics.jsonl"
@@ -82,6 +134,7 @@ class RunRecorder:
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:
+        self.flush()
         lines = self.metrics()
         if self.best is None and lines:  # runs that did not checkpoint every round
             top = max(lines, key=lambda x: selection_score(x["dice"]))
@@ -97,6 +150,43 @@ class RunRecorder:
         (self.dir / "summary.json").write_text(json.dumps(clean(summary), indent=2))
         return summary
 
-    def _truncate_metrics(self, number: int) -> None:
-        kept = [line for line in self.metrics() if line["round"] <= number]
-        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+    def _improves(self, number: int, line: dict[str, Any]) -> bool:
+        """Whether round ``number`` is the best so far (an undefined Dice counts as perfect:
+        no tumour in the truth and none predicted)."""
+        score = selection_score(line.get("dice"))
+        improved = self.best is None or score > selection_score(self.best["dice"])
+        if improved:
+            self.best = {"round": number, "dice": clean(line.get("dice"))}
+        return improved
+
+    def _queue(self, work: Callable[..., None], *args: Any) -> None:
+        for future in [f for f in self._queued if f.done()]:
+            future.result()  # a failed write stops the run here, with its own error
+            self._queued.remove(future)
+        self._queued.append(self._writer.submit(self._in_order, work, *args))
+
+    def _in_order(self, work: Callable[..., None], *args: Any) -> None:
+        if self._failed:
+            raise RuntimeError("not written: an earlier write of the run folder failed")
+        try:
+            work(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _write_round(self, number: int, state: Mapping[str, torch.Tensor],
+                     payload: dict[str, Any]) -> None:
+        write_checkpoint(round_file(self.dir, number), state, self.cfg, self.classes, **payload)
+        for old, path in self._round_files():
+            if old <= number - self.keep:
+                path.unlink(missing_ok=True)
+
+    def _append_line(self, number: int, line: dict[str, Any], improved: bool) -> None:
+        if improved:
+            link(round_file(self.dir, number), self.dir / "best.pt")
+        with (self.dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(clean({"round": number, **line})) + "\n")
+
+    def _round_files(self) -> list[tuple[int, Path]]:
+        return sorted((int(m.group(1)), p) for p in self.dir.glob("round_*.pt")
+                      if (m := ROUND_FILE.search(p.name)))

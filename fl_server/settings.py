@@ -14,12 +14,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_common import WIRE_DTYPES
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 
 
-def _setting(default: Any, text: str = "", flag: str = "") -> Any:
+def _setting(default: Any, text: str = "", flag: str = "", choices: tuple[str, ...] = ()
+             ) -> Any:
     """A field with its command-line flag (``flag``, default ``--<kebab-name>``) and help."""
-    return field(default=default, metadata={"help": text, "flag": flag})
+    return field(default=default, metadata={"help": text, "flag": flag, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class FederationSettings:
     num_rounds: int = _setting(14, "federated rounds", "--rounds")
     min_sites: int = _setting(2, "sites that must be connected before a round starts, and the "
                                  "fewest valid updates a round aggregates")
-    strategy: str = _setting("fedavg", "aggregation strategy")
+    strategy: str = _setting("fedavg", "aggregation strategy", choices=STRATEGIES)
     resume: bool = False  # continue after the last checkpointed round
     config_file: str = ""  # resolved EGCMF config (YAML) on the server; empty = tiny preset
     timeout: float = _setting(3600.0, "seconds a round waits for the sites' replies; a site "
@@ -54,6 +57,11 @@ class FederationSettings:
     server_dp_epsilon: float = _setting(0.0, "server-side DP: stop before a round that would "
                                              "exceed it (0: never)")
     server_dp_delta: float = 1e-5
+    wire: str = _setting("float32", "how the model travels: float32, or float16 (half the "
+                                    "bytes: the sites get the model rounded to float16 and "
+                                    "send their update in float16)", choices=WIRE_DTYPES)
+    keep_checkpoints: int = _setting(3, "round checkpoints kept, the newest (resume needs only "
+                                        "the last); best.pt and final.pt are kept besides")
     # Deployment: JSON {node id: site} of the keys the centre registered; "" in simulation.
     site_nodes: str = ""
     # JSON {site: {"train": N, "evaluate": M}}: the most examples each site's replies may
@@ -89,6 +97,14 @@ class FederationSettings:
 
 
 DEFAULTS = FederationSettings()
+
+
+def check_keep_checkpoints(keep: int) -> None:
+    if keep < 1:
+        raise ValueError(f"--keep-checkpoints must be at least 1 (resume needs the last "
+                         f"round's checkpoint), got {keep}")
+
+
 APP_ONLY = ("simulation",)  # settings the app is built with, which a run config cannot change
 
 
@@ -114,7 +130,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: tuple[str, ..
     for name in names:
         f = fields[name]
         flag = _flag(f)
-        extra = ({"choices": STRATEGIES} if name == "strategy"
+        choices = f.metadata.get("choices")
+        extra = ({"choices": choices} if choices
                  else {"metavar": flag[2:].upper().replace("-", "_")})
         parser.add_argument(flag, dest=name, type=hints[name], default=f.default,
                             help=f"{f.metadata['help']} (default: {f.default})", **extra)
@@ -125,12 +142,15 @@ def settings_from_args(args: argparse.Namespace, names: tuple[str, ...]) -> dict
     return {run_config_key(name): getattr(args, name) for name in names}
 
 
-# Strategy options and update validation; with the three below, the flags both
-# fl-server start and sim/run.py offer.
+# Strategy options, update validation and the run folder: settings that fl-server start and
+# sim/run.py both pass to the ServerApp as they are; with the three below, the flags of both.
 AGGREGATION_FLAGS = ("proximal_mu", "trim_fraction", "krum_f", "max_update_ratio",
                      "norm_floor", "norm_clip", "server_dp_noise", "server_dp_clip",
                      "server_dp_epsilon")
-ROUND_FLAGS = ("num_rounds", "min_sites", "strategy", *AGGREGATION_FLAGS)
+SERVER_FLAGS = (*AGGREGATION_FLAGS, "wire", "keep_checkpoints")
+ROUND_FLAGS = ("num_rounds", "min_sites", "strategy", *SERVER_FLAGS)
 # What a resumed run keeps from its checkpoint: any change is refused, except num_rounds
-# growing, and sites where no server-side DP accountant counts them.
-RUN_DEFINING = (*ROUND_FLAGS, "server_lr", "server_dp_delta", "sites")
+# growing, and sites where no server-side DP accountant counts them. The wire and the number of
+# checkpoints kept may change.
+RUN_DEFINING = ("num_rounds", "min_sites", "strategy", *AGGREGATION_FLAGS, "server_lr",
+                "server_dp_delta", "sites")

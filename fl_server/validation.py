@@ -1,18 +1,21 @@
 """Checks on every site's reply before it counts: one broken or malicious site must neither
 wreck the shared model nor stop the round. A rejected reply is left out, with its reason.
 
-Each rule is a small function over one part of a reply, so that another wire format only
-changes how a reply is unpacked:
+Each rule is a small function over one part of a reply:
 
-- :func:`record_problem`: exactly the records and metric keys of :mod:`fl_common.replies`, each
-  value of its kind (what Flower's aggregation needs: one ArrayRecord, one MetricRecord, the
-  same keys in every reply);
-- :func:`array_problem`: the arrays' names, shapes, dtypes, finite values, and BatchNorm running
-  variances that are not negative;
+- :func:`record_problem` and :func:`metrics_problem`: exactly the records and metric keys of
+  :mod:`fl_common.replies`, each value of its kind (what Flower's aggregation needs: one
+  ArrayRecord, one MetricRecord, the same keys in every reply);
 - :func:`examples_problem`: ``num-examples`` a positive integer no larger than what the centre
   knows of that site (its cap);
+- :func:`decode_update`: the packed buffers' names, sizes and dtypes, finite values, BatchNorm
+  running variances that are not negative, and the update's norm per group of tensors;
 - :func:`norm_limit` and :func:`bounded`: the norm rule over a round's updates, and the
-  norm-bounded averaging that clips each update to the median norm.
+  norm-bounded averaging that clips each update to a multiple of the median norm.
+
+Each reply is decoded once, here: its buffers are read without a copy (float32) or added to the
+centre's float32 model (float16 updates), checked, and handed on to the strategy as decoded
+arrays, which the strategy reads as they are.
 """
 
 from __future__ import annotations
@@ -20,25 +23,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from egcmf_model.packing import FLOAT, Layout, kind
 from fl_common.replies import (
     ARRAYS,
     CONFUSION,
     EVALUATE_METRICS,
     EVALUATE_RECORDS,
     EXAMPLES,
+    FAILURE,
     METRICS,
     SITE,
     SITE_WEIGHT,
     TRAIN_METRICS,
     TRAIN_RECORDS,
 )
+from fl_common.wire import all_finite, decoded_record, squared_distance, view
 
-Arrays = dict[str, np.ndarray]
+from .global_model import GlobalModel
+
 VARIANCE = "running_var"  # BatchNorm's running variance: never negative in an honest model
+STATISTICS = ("running_mean", VARIANCE)  # BatchNorm's statistics, judged apart from weights
+GROUPS = ("weights", "statistics")
 
 
 @dataclass(frozen=True)
@@ -61,19 +71,34 @@ def record_problem(content: RecordDict, stage: str, num_classes: int) -> str | N
     """The reply's records and metrics against the schema of a ``stage`` (train or evaluate)
     reply; None if they match."""
     train = stage == "train"
-    kinds = {**dict.fromkeys(content.array_records, "arrays"),
-             **dict.fromkeys(content.metric_records, "metrics"),
-             **dict.fromkeys(content.config_records, "config")}
+    kinds = _kinds(content)
     expected = {ARRAYS: "arrays", METRICS: "metrics", SITE: "config"}
     expected = {k: v for k, v in expected.items() if k in (TRAIN_RECORDS if train
                                                            else EVALUATE_RECORDS)}
     if kinds != expected:
         return f"records {_listed(kinds)}, expected {_listed(expected)}"
-    site = content.config_records[SITE]
-    if set(site) != {"name"} or not isinstance(site["name"], str):
-        return "the site record must hold exactly the site's name"
-    metrics = content.metric_records[METRICS]
-    keys = TRAIN_METRICS if train else EVALUATE_METRICS
+    return (_site_problem(content)
+            or metrics_problem(content[METRICS], TRAIN_METRICS if train else EVALUATE_METRICS,
+                               num_classes))
+
+
+def failure_problem(content: RecordDict) -> str | None:
+    """A training that failed after its evaluation: the failure's class and the site's name,
+    nothing else."""
+    kinds = _kinds(content)
+    expected = {FAILURE: "config", SITE: "config"}
+    if kinds != expected:
+        return f"records {_listed(kinds)}, expected {_listed(expected)}"
+    failure = content[FAILURE]
+    if set(failure) != {"code", "reason"} or not isinstance(failure["reason"], str):
+        return "the failure record must hold exactly a code and a reason"
+    return _site_problem(content)
+
+
+def metrics_problem(metrics: object, keys: frozenset[str], num_classes: int) -> str | None:
+    """A MetricRecord with exactly ``keys``, each value of its kind, and a site weight of 1."""
+    if not isinstance(metrics, MetricRecord):
+        return "metrics are not a metric record"
     if set(metrics) != keys:
         return (f"metrics: missing {sorted(keys - set(metrics))}, unexpected "
                 f"{sorted(set(metrics) - keys)}")
@@ -84,6 +109,25 @@ def record_problem(content: RecordDict, stage: str, num_classes: int) -> str | N
             return f"metric {key}: {problem}"
     if metrics[SITE_WEIGHT] != 1:
         return f"metric {SITE_WEIGHT} is {metrics[SITE_WEIGHT]!r}, not 1"
+    return None
+
+
+def evaluation_problem(metrics: object, cap: int | None, num_classes: int) -> str | None:
+    """An evaluation's metrics: the schema, and a valid count of validation examples."""
+    return (metrics_problem(metrics, EVALUATE_METRICS, num_classes)
+            or examples_problem(metrics[EXAMPLES], cap))  # type: ignore[index]
+
+
+def _kinds(content: RecordDict) -> dict[str, str]:
+    return {**dict.fromkeys(content.array_records, "arrays"),
+            **dict.fromkeys(content.metric_records, "metrics"),
+            **dict.fromkeys(content.config_records, "config")}
+
+
+def _site_problem(content: RecordDict) -> str | None:
+    site = content.config_records[SITE]
+    if set(site) != {"name"} or not isinstance(site["name"], str):
+        return "the site record must hold exactly the site's name"
     return None
 
 
@@ -113,57 +157,67 @@ def examples_problem(value: object, cap: int | None) -> str | None:
     return None
 
 
-def array_problem(arrays: Arrays, reference: Arrays) -> str | None:
-    """Wrong number or names of arrays, wrong shapes or dtypes, NaN or Inf, a negative BatchNorm
-    running variance; None if fine."""
-    if set(arrays) != set(reference):
-        missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
-        return (f"wrong arrays: {len(arrays)} sent, {len(reference)} expected "
-                f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, ref in reference.items():
-        got = arrays[key]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            return (f"array {key}: shape {got.shape} {got.dtype}, expected {ref.shape} "
-                    f"{ref.dtype}")
-        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
-            return f"array {key}: holds NaN or Inf"
-        if key.endswith(VARIANCE) and (got < 0).any():
-            return f"array {key}: a negative variance ({float(got.min()):.3g})"
-    return None
-
-
-STATISTICS = ("running_mean", VARIANCE)  # BatchNorm's statistics, judged apart from weights
-
-
-def group_of(key: str) -> str:
+def group_of(name: str) -> str:
     """``statistics`` (BatchNorm running means and variances) or ``weights``: each group has
     its own norm, since the statistics move far more than the weights in a round (a norm over
     both would be the statistics' alone, and would leave the weights unbounded)."""
-    return "statistics" if key.endswith(STATISTICS) else "weights"
+    return "statistics" if name.endswith(STATISTICS) else "weights"
 
 
-def without_negative_variances(arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
-    """The global model with BatchNorm running variances below 0 raised to 0, and how many
-    there were. An average of valid updates has none; server-side DP noise can make some
-    (raising them is post-processing, which spends no privacy). Left negative, they would make
-    every evaluation NaN and every site's next update fail :func:`array_problem`."""
-    state = {k: v.numpy() for k, v in arrays.items()}
-    count = sum(int((v < 0).sum()) for k, v in state.items() if k.endswith(VARIANCE))
-    if not count:
-        return arrays, 0
-    return ArrayRecord({k: Array(np.maximum(v, 0).astype(v.dtype) if k.endswith(VARIANCE)
-                                 else v) for k, v in state.items()}), count
+@cache
+def _statistics(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
+    """Float buffer -> ``(start, stop, tensor name)`` of each BatchNorm statistic in it."""
+    out: dict[str, list[tuple[int, int, str]]] = {}
+    for slot in layout.slots:
+        if kind(slot.buffer) == FLOAT and group_of(slot.name) == "statistics":
+            out.setdefault(slot.buffer, []).append((slot.start, slot.stop, slot.name))
+    return {k: tuple(v) for k, v in out.items()}
 
 
-def update_norms(arrays: Arrays, reference: Arrays) -> dict[str, float]:
-    """``||w_site - w_global||`` of each group over the floating-point arrays."""
-    totals: dict[str, float] = {}
-    for key, ref in reference.items():
-        if np.issubdtype(ref.dtype, np.floating):
-            diff = arrays[key].astype(np.float64) - ref
-            group = group_of(key)
-            totals[group] = totals.get(group, 0.0) + float(np.vdot(diff, diff))
-    return {group: total**0.5 for group, total in totals.items()}
+def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
+                  ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
+    """``(problem, weights, norms)`` of a reply's arrays: its buffers' names, sizes and dtypes
+    must be the layout's (float ones in the ``wire`` dtype), its values finite, its BatchNorm
+    variances not negative. ``weights`` are the site's float32 (and int64) buffers, ``norms``
+    ``||w_site - w_global||`` of each group (the problem says why there are none)."""
+    expected = dict(model.layout.sizes)
+    if set(record) != set(expected):
+        missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
+        return (f"wrong arrays: {len(record)} sent, {len(expected)} expected (missing "
+                f"{missing[:3]}, unexpected {extra[:3]})"), {}, {}
+    statistics = _statistics(model.layout)
+    weights, squares = {}, dict.fromkeys(GROUPS, 0.0)
+    for name, size in expected.items():
+        try:
+            values = view(record[name])
+        except ValueError as exc:  # not an array numpy can read
+            return f"array {name}: {exc}", {}, {}
+        dtype = wire if kind(name) == FLOAT else "int64"
+        if values.shape != (size,) or values.dtype != np.dtype(dtype):
+            return (f"array {name}: shape {values.shape} {values.dtype}, expected ({size},) "
+                    f"{dtype}"), {}, {}
+        if kind(name) != FLOAT:
+            weights[name] = values
+            continue
+        master = model.values[name]
+        if wire == "float32":
+            part, site = squared_distance(values, master), values
+        else:  # the site's update: added to the centre's float32 weights
+            update = values.astype(np.float32)
+            part = squared_distance(update)
+            site = np.add(update, master, out=update)
+        if not math.isfinite(part) and not all_finite(values):  # a finite sum: all finite
+            return f"array {name}: holds NaN or Inf", {}, {}
+        stats = 0.0
+        for start, stop, tensor in statistics.get(name, ()):
+            if tensor.endswith(VARIANCE) and (site[start:stop] < 0).any():
+                return (f"array {tensor}: a negative variance "
+                        f"({float(site[start:stop].min()):.3g})"), {}, {}
+            stats += squared_distance(site[start:stop], master[start:stop])
+        squares["statistics"] += stats
+        squares["weights"] += max(part - stats, 0.0)
+        weights[name] = site
+    return None, weights, {g: s**0.5 for g, s in squares.items()}
 
 
 def norm_limit(norms: list[float], rules: UpdateRules) -> float:
@@ -173,18 +227,24 @@ def norm_limit(norms: list[float], rules: UpdateRules) -> float:
     return rules.max_ratio * max(float(np.median(norms)), rules.floor) if norms else math.inf
 
 
-def bounded(arrays: Arrays, reference: Arrays, norms: dict[str, float],
-            bounds: dict[str, float]) -> Arrays:
+def bounded(weights: dict[str, np.ndarray], model: GlobalModel, norms: dict[str, float],
+            bounds: dict[str, float]) -> dict[str, np.ndarray]:
     """Each group of the update scaled to its bound when it is longer:
-    ``w_g + (w - w_g) * bound/norm``; integer arrays (counters) as sent."""
+    ``w_g + (w - w_g) * bound/norm``; the integer buffer (counters) as sent."""
     scales = {g: min(1.0, bounds[g] / n) if n > 0 else 1.0 for g, n in norms.items()}
-    out = {}
-    for key, ref in reference.items():
-        scale = scales.get(group_of(key), 1.0)
-        if scale < 1.0 and np.issubdtype(ref.dtype, np.floating):
-            out[key] = (ref + (arrays[key].astype(np.float64) - ref) * scale).astype(ref.dtype)
-        else:
-            out[key] = arrays[key]
+    if all(s >= 1.0 for s in scales.values()):
+        return weights
+    statistics = _statistics(model.layout)
+    out = dict(weights)
+    for name, values in weights.items():
+        if kind(name) != FLOAT:
+            continue
+        master = model.values[name]
+        scaled = master + (values - master) * np.float32(scales["weights"])
+        for start, stop, _ in statistics.get(name, ()):
+            scaled[start:stop] = (master[start:stop] + (values[start:stop] - master[start:stop])
+                                  * np.float32(scales["statistics"]))
+        out[name] = scaled
     return out
 
 
@@ -201,27 +261,12 @@ class Checked:
 SiteOf = Callable[[Message], str]
 
 
-def check_evaluations(replies: list[Message], site_of: SiteOf, caps: dict[str, int],
-                      num_classes: int) -> Checked:
-    """Evaluation replies with the expected records and metrics, and a valid count."""
-    kept, rejected = [], []
-    for msg in replies:
-        problem = record_problem(msg.content, "evaluate", num_classes)
-        if problem is None:
-            problem = examples_problem(msg.content[METRICS][EXAMPLES], caps.get(site_of(msg)))
-        if problem:
-            rejected.append(Rejection(site_of(msg), problem))
-        else:
-            kept.append(msg)
-    return Checked(kept, rejected, {})
-
-
-def check_updates(replies: list[Message], reference: ArrayRecord, site_of: SiteOf,
+def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of: SiteOf,
                   caps: dict[str, int], rules: UpdateRules, num_classes: int) -> Checked:
     """Training replies checked one by one, then the norm rule over the round, for each group
-    of arrays; with ``rules.clip``, each group of each kept update is clipped to that multiple
-    of the group's median norm (norm-bounded averaging)."""
-    ref = {k: v.numpy() for k, v in reference.items()}
+    of tensors; with ``rules.clip``, each group of each kept update is clipped to that multiple
+    of the group's median norm (norm-bounded averaging). The kept replies' arrays are replaced
+    by their decoded float32 (and int64) buffers."""
     kept, rejected, norms, sent = [], [], {}, {}
     for msg in replies:
         site = site_of(msg)
@@ -229,34 +274,34 @@ def check_updates(replies: list[Message], reference: ArrayRecord, site_of: SiteO
         if problem is None:
             problem = examples_problem(msg.content[METRICS][EXAMPLES], caps.get(site))
         if problem is None:
-            sent[site] = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
-            problem = array_problem(sent[site], ref)
+            problem, sent[site], norms[site] = decode_update(msg.content[ARRAYS], model, wire)
         if problem:
             rejected.append(Rejection(site, problem))
+            norms.pop(site, None)
         else:
             kept.append(msg)
-            norms[site] = update_norms(sent[site], ref)
     over = norm_rule(norms, rules)
     rejected += [Rejection(site, reason) for site, reason in over.items()]
     final = [msg for msg in kept if site_of(msg) not in over]
     norms = {site: n for site, n in norms.items() if site not in over}
-    if rules.clip > 0 and final:
-        bounds = {g: rules.clip * max(float(np.median([n[g] for n in norms.values()])),
-                                      rules.floor) for g in next(iter(norms.values()))}
-        for msg in final:
-            arrays = bounded(sent[site_of(msg)], ref, norms[site_of(msg)], bounds)
-            msg.content[ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    bounds = ({g: rules.clip * max(float(np.median([n[g] for n in norms.values()])),
+                                   rules.floor) for g in GROUPS}
+              if rules.clip > 0 and norms else None)
+    for msg in final:
+        site = site_of(msg)
+        weights = sent[site] if bounds is None else bounded(sent[site], model, norms[site],
+                                                             bounds)
+        msg.content[ARRAYS] = decoded_record(weights)
     return Checked(final, rejected, norms)
 
 
 def norm_rule(norms: dict[str, dict[str, float]], rules: UpdateRules) -> dict[str, str]:
     """Site -> why its update is over the round's limit, for the sites whose update is."""
-    groups = sorted({g for n in norms.values() for g in n})
-    limits = {g: norm_limit([n[g] for n in norms.values()], rules) for g in groups}
+    limits = {g: norm_limit([n[g] for n in norms.values()], rules) for g in GROUPS}
     over = {}
     for site, norm in norms.items():
-        for g in groups:
-            if norm[g] > limits[g]:
+        for g in GROUPS:
+            if not norm[g] <= limits[g]:  # NaN (an overflow) is over too
                 over[site] = (f"update norm of the {g} {norm[g]:.3g} is over the limit "
                               f"{limits[g]:.3g} ({rules.max_ratio:g}x the median)")
                 break

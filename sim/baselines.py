@@ -57,8 +57,8 @@ def _start(cfg: Config, source: DataSource, s: SimSettings) -> tuple[Sites, RunR
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "config.yaml").write_text(to_yaml(cfg))
     write_partitions(s.out / "partitions.json", source.classes, sites)
-    return sites, RunRecorder(s.out, cfg, source.classes), pick_device("cpu" if not
-                                                                      s.client_gpus else "auto")
+    device = pick_device("cpu" if not s.client_gpus else "auto")
+    return sites, RunRecorder(s.out, cfg, source.classes, s.keep_checkpoints), device
 
 
 def site_steps(sites: Sites, classes: tuple[str, ...], cfg: Config) -> dict[str, int]:
@@ -96,9 +96,10 @@ def run_centralized(cfg: Config, source: DataSource, s: SimSettings) -> dict[str
                             progress=round_progress(rnd, s.rounds), steps=steps)
         line = _evaluate_on_sites(model, sites, source.classes, cfg, device)
         line.update(train_loss=train["train_loss"], train_steps=train["steps"])
-        recorder.record_round(rnd, model, line)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        recorder.record_round(rnd, state, line)  # written in the background: a copy
         log.info("centralized round %d/%d  dice %.4f", rnd, s.rounds, line["dice"])
-    save_checkpoint(s.out / "final.pt", model, cfg, source.classes)
+    recorder.finish(s.rounds)
     return recorder.write_summary(mode="centralized", budget=plan)
 
 

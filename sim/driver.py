@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,13 @@ from fl_server.runfolder import (
     run_defining,
     write_settings,
 )
-from fl_server.settings import AGGREGATION_FLAGS, ROUND_FLAGS, run_config_key, settings_from_args
+from fl_server.settings import (
+    AGGREGATION_FLAGS,
+    ROUND_FLAGS,
+    check_keep_checkpoints,
+    run_config_key,
+    settings_from_args,
+)
 from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
@@ -52,13 +57,14 @@ def _fresh_config(args: argparse.Namespace, stated: set[str] | None) -> Config:
     source = open_source(cfg.data, 4 * cfg.model.in_size)
     fixes = [f"data.classes=[{', '.join(source.classes)}]"]
     if args.variant is None and not source.has_ck56:
-        fixes.append("model.variant=mrfm")
+        fixes.append("model.variant=mrfm")  # the H&E branch, for data without CK5/6
     return apply_overrides(cfg, fixes)
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     """Config, data source and run settings: a new run's from the flags, in an empty folder;
     a resumed run's from its checkpoint, with any flag stated again checked against it."""
+    check_keep_checkpoints(args.keep_checkpoints)
     flags = {**settings_from_args(args, ROUND_FLAGS)}
     extra = {"clients": args.clients, "fault": args.fault or ""}
     if args.resume:
@@ -79,8 +85,11 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                       strategy=settings["strategy"], seed=cfg.train.seed,
                       client_gpus=args.client_gpus, min_sites=settings["min-sites"],
                       fault=extra["fault"], resume=args.resume, budget=args.budget,
-                      strategy_options=tuple((k, v) for k, v in settings.items()
-                                             if k in aggregation))
+                      keep_checkpoints=args.keep_checkpoints,
+                      server_options=(*((k, v) for k, v in settings.items()
+                                        if k in aggregation),
+                                      ("wire", args.wire),
+                                      ("keep-checkpoints", args.keep_checkpoints)))
     return cfg, source, run
 
 
@@ -128,11 +137,7 @@ def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]
 def run_mode(mode: str, cfg: Config, source: DataSource, settings: SimSettings
              ) -> dict[str, Any]:
     if mode == "federated":
-        summary = run_federated(cfg, source, settings)
-        last = settings.out / f"round_{summary['rounds']:03d}.pt"
-        if last.exists():
-            shutil.copyfile(last, settings.out / "final.pt")
-        return summary
+        return run_federated(cfg, source, settings)
     from .baselines import run_centralized, run_local
 
     return (run_centralized if mode == "centralized" else run_local)(cfg, source, settings)

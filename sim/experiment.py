@@ -37,9 +37,10 @@ class SimSettings:
     client_gpus: float = 0.0  # GPU fraction per virtual client when a GPU exists
     min_sites: int = DEFAULTS.min_sites  # fewest valid updates a round aggregates
     fault: str = ""  # KIND:COUNT, fault injection
-    strategy_options: tuple[tuple[str, float], ...] = ()  # proximal-mu, trim-fraction, krum-f
     budget: str = "epochs"  # what the centralized baseline holds equal: epochs, steps, examples
     resume: bool = False  # continue the run in ``out`` after its last checkpoint
+    keep_checkpoints: int = DEFAULTS.keep_checkpoints  # round checkpoints kept, the newest
+    server_options: tuple[tuple[str, Any], ...] = ()  # run-config entries of SERVER_FLAGS
 
 
 def virtual_sites(source: DataSource, s: SimSettings) -> dict[str, dict[str, list[RoiRecord]]]:
@@ -124,13 +125,13 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
                               "min-sites": min(s.min_sites, len(sites)), "strategy": s.strategy,
                               "config-file": str(s.out / "config.yaml"),
                               "sites": len(sites), "simulation": True, "resume": s.resume,
-                              "site-caps": json.dumps(caps), **dict(s.strategy_options)})
+                              "site-caps": json.dumps(caps), **dict(s.server_options)})
     faults = faulty_sites(s.fault, sorted(sites), s.seed)
     if faults:
         log.info("fault injection: %s", ", ".join(f"{k} -> {v}" for k, v in faults.items()))
     client = make_client_app({"partitions": str(partitions), "threads": 1, "faults": faults,
                               "simulation": True, "max-update-ratio": dict(
-                                  s.strategy_options).get("max-update-ratio", 0.0),
+                                  s.server_options).get("max-update-ratio", 0.0),
                               "state-dir": str(s.out / "site_state"),
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},

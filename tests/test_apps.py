@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -10,23 +11,49 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from egcmf_model.config import apply_overrides, load_config, to_yaml
+from egcmf_model.config import apply_overrides, from_dict, load_config, to_yaml
 from egcmf_model.engine import build_model
+from egcmf_model.packing import INT, Layout
 from fl_client.client_app import make_client_app
 from fl_client.failures import INCOMPATIBLE, SITE_DATA
+from fl_common.wire import model_record
 from fl_server.federation import FederationSettings
 
-KERNEL_MAX = 7  # largest convolution kernel in the network
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _message(kind: str, variant: str = "full", rnd: int = 1) -> Message:
-    cfg = load_config("tiny", overrides=[f"model.variant={variant}", "train.epochs=1"])
+def _packed(state: dict[str, torch.Tensor], wire: str = "float32") -> ArrayRecord:
+    """A model message's arrays, as the centre sends them."""
+    return model_record(Layout.of(state).pack(state), wire)
+
+
+def _weights(reply: Message, sent: Message) -> dict[str, torch.Tensor]:
+    """The state dict a float32 training reply carries (the layout of the model sent)."""
+    layout = _layout(sent)
+    return layout.unpack({k: torch.from_numpy(v.numpy()) for k, v in
+                          reply.content["arrays"].items()})
+
+
+def _layout(msg: Message) -> Layout:
+    cfg = from_dict(yaml.safe_load(str(msg.content["config"]["egcmf-config"])), "test")
+    with torch.device("meta"):
+        return Layout.of(build_model(cfg.model, tuple(cfg.data.classes)).state_dict())
+
+
+def _sent(msg: Message) -> dict[str, torch.Tensor]:
+    return _layout(msg).unpack({k: torch.from_numpy(v.numpy()).float() if k != INT else
+                                torch.from_numpy(v.numpy())
+                                for k, v in msg.content["arrays"].items()})
+
+
+def _message(kind: str, variant: str = "full", rnd: int = 1, *extra: str) -> Message:
+    cfg = load_config("tiny", overrides=[f"model.variant={variant}", "train.epochs=1", *extra])
     torch.manual_seed(0)  # the same global model in every message
     model = build_model(cfg.model, tuple(cfg.data.classes))
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+    content = RecordDict({"arrays": _packed(model.state_dict()),
                           "config": ConfigRecord({"egcmf-config": to_yaml(cfg),
                                                   "server-round": rnd})})
     return Message(content=content, dst_node_id=1, message_type=kind)
@@ -42,20 +69,18 @@ def site_context(synth_root: Path) -> Context:
     return _context({"site": "plagh", "data": str(synth_root / "site_01"), "device": "cpu"})
 
 
-def _assert_only_weights_and_scalars(reply: Message) -> None:
+def _assert_only_weights_and_scalars(reply: Message, sent: Message) -> None:
     content = reply.content
-    assert set(content.keys()) <= {"arrays", "metrics", "site"}
+    assert set(content.keys()) <= {"arrays", "metrics", "evaluation", "site"}
     assert dict(content["site"]) == {"name": "plagh"}
-    for key, value in content["metrics"].items():
+    metrics = {k: v for name in ("metrics", "evaluation") if name in content
+               for k, v in content[name].items()}
+    for key, value in metrics.items():
         assert isinstance(value, int | float) or key == "confusion", key
-    if "arrays" in content:
-        for name, array in content["arrays"].items():
-            shape = array.shape
-            # no image- or mask-like array: every weight is a vector or a small kernel stack
-            assert len(shape) <= 4, name
-            assert len(shape) < 2 or max(shape[2:], default=1) <= KERNEL_MAX, (name, shape)
-    text = json.dumps({k: (v if k != "arrays" else None) for k, v in
-                       [("metrics", dict(content["metrics"])), ("site", dict(content["site"]))]})
+    if "arrays" in content:  # exactly the network's packed buffers, nothing shaped like an image
+        assert {k: a.shape for k, a in content["arrays"].items()} == {
+            k: (n,) for k, n in _layout(sent).sizes}
+    text = json.dumps({"metrics": metrics, "site": dict(content["site"])})
     assert "roi_" not in text
     assert "/" not in text
     assert ".png" not in text
@@ -68,7 +93,7 @@ def test_train_reply_holds_weights_scalars_and_site_name_only(site_context: Cont
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 3  # the three training ROIs of site_01
     assert np.isfinite(metrics["train_loss"])
-    _assert_only_weights_and_scalars(reply)
+    _assert_only_weights_and_scalars(reply, _message(MessageType.TRAIN))
 
 
 def test_evaluate_reply_reports_the_papers_metrics(site_context: Context) -> None:
@@ -79,17 +104,81 @@ def test_evaluate_reply_reports_the_papers_metrics(site_context: Context) -> Non
     assert len(metrics["confusion"]) == 9
     assert sum(metrics["confusion"]) == 64 * 64
     assert "arrays" not in reply.content
-    _assert_only_weights_and_scalars(reply)
+    _assert_only_weights_and_scalars(reply, _message(MessageType.EVALUATE))
+
+
+def test_one_message_brings_the_evaluation_and_the_training(site_context: Context) -> None:
+    """A training message with ``evaluate``: the site evaluates the model it received, before
+    training on it, and replies with both; the evaluation is that of the received model."""
+    msg = _message(MessageType.TRAIN, "unet")
+    msg.content["config"]["evaluate"] = True
+    reply = make_client_app()(msg, site_context)
+    assert not reply.has_error(), reply.error
+    alone = make_client_app()(_message(MessageType.EVALUATE, "unet"), site_context)
+    assert dict(reply.content["evaluation"]) == dict(alone.content["metrics"])
+    trained = make_client_app()(_message(MessageType.TRAIN, "unet"), site_context)
+    assert dict(reply.content["metrics"]) | {"train_s": 0} == \
+        dict(trained.content["metrics"]) | {"train_s": 0}
+    assert all(np.array_equal(a.numpy(), trained.content["arrays"][k].numpy())
+               for k, a in reply.content["arrays"].items())
+    _assert_only_weights_and_scalars(reply, msg)
+
+
+def test_the_float16_wire_sends_the_update_in_float16(site_context: Context) -> None:
+    """The centre sends its model rounded to float16; the site trains from it and answers
+    with w_site - w_received in float16."""
+    msg = _message(MessageType.TRAIN, "unet")
+    sent = msg.content["arrays"]
+    msg.content["arrays"] = model_record({k: a.numpy() for k, a in sent.items()}, "float16")
+    msg.content["config"]["wire"] = "float16"
+    reply = make_client_app()(msg, site_context)
+    assert not reply.has_error(), reply.error
+    arrays = reply.content["arrays"]
+    assert {a.dtype for k, a in arrays.items() if k != INT} == {"float16"}
+    start = {k: a.numpy().astype(np.float32) for k, a in msg.content["arrays"].items()}
+    update = {k: a.numpy().astype(np.float32) for k, a in arrays.items() if k != INT}
+    assert all(np.abs(v).max() > 0 for v in update.values())  # it trained
+    assert all(np.abs(v).max() < 1 for v in update.values())  # an update, not weights
+    float32 = dict(site_context.node_config)
+    msg.content["config"]["wire"] = "float32"
+    weights = make_client_app()(msg, _context(float32)).content["arrays"]
+    for k, v in update.items():  # the same training, as an update
+        assert np.allclose(start[k] + v, weights[k].numpy(), atol=1e-3)
 
 
 def test_training_is_deterministic_per_site_and_round(site_context: Context) -> None:
     app = make_client_app()
-    a = app(_message(MessageType.TRAIN, "unet"), site_context).content["arrays"]
-    b = app(_message(MessageType.TRAIN, "unet"), site_context).content["arrays"]
-    c = app(_message(MessageType.TRAIN, "unet", rnd=2), site_context).content["arrays"]
+    a, b, c = (app(_message(MessageType.TRAIN, "unet", rnd), site_context).content["arrays"]
+               for rnd in (1, 1, 2))
     first = next(iter(a.keys()))
-    assert a.to_torch_state_dict()[first].equal(b.to_torch_state_dict()[first])
-    assert not a.to_torch_state_dict()[first].equal(c.to_torch_state_dict()[first])
+    assert np.array_equal(a[first].numpy(), b[first].numpy())
+    assert not np.array_equal(a[first].numpy(), c[first].numpy())
+
+
+def test_the_site_builds_its_network_once_without_random_initialisation() -> None:
+    """The runner answers every task with one app: the network is built once per model
+    configuration, on the meta device (the random number generator is not touched), and takes
+    each message's weights as they were decoded, without a copy."""
+    from fl_client.model_io import Networks
+
+    cfg = load_config("tiny", overrides=["model.variant=unet"]).model
+    classes, cpu = ("background", "in_situ", "invasive"), torch.device("cpu")
+    first, second = (build_model(cfg, classes).state_dict() for _ in range(2))
+    networks = Networks()
+    rng = torch.random.get_rng_state()
+    model, got = networks.load(cfg, classes, _packed(first), cpu)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(model.state_dict()[k], first[k]) for k in first)
+    name = next(k for k, v in first.items() if v.is_floating_point())
+    slot = next(s for s in got.layout.slots if s.name == name)
+    assert model.state_dict()[name].data_ptr() == \
+        torch.from_numpy(got.buffers[slot.buffer]).data_ptr() + 4 * slot.start
+    again, _ = networks.load(cfg, classes, _packed(second), cpu)
+    assert again is model
+    assert all(torch.equal(model.state_dict()[k], second[k]) for k in second)
+    other = dataclasses.replace(cfg, variant="mrfm")
+    assert networks.load(other, classes, _packed(build_model(other, classes).state_dict()),
+                         cpu)[0] is not model
 
 
 def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Context) -> None:
@@ -111,14 +200,23 @@ def test_settings_come_from_run_config_with_defaults() -> None:
         FederationSettings.from_run_config({}, {})
 
 
-def test_bench_skip_returns_the_weights_untouched(site_context: Context) -> None:
+def test_bench_skip_returns_the_weights_moved_by_a_seeded_step(site_context: Context) -> None:
+    """train.skip: no training; every weight moves by a small random step, the same for the
+    same site and round, so that a benchmark's messages differ as real updates do."""
+    from fl_client.train import STAND_IN_SCALE
+
     msg = _message(MessageType.TRAIN, "unet")
     msg.content["config"]["egcmf-config"] = to_yaml(
         apply_overrides(load_config("tiny"), ["model.variant=unet", "train.skip=true"]))
-    sent = msg.content["arrays"].to_torch_state_dict()
+    sent = _sent(msg)
     reply = make_client_app()(msg, site_context)
-    back = reply.content["arrays"].to_torch_state_dict()
-    assert all(torch.equal(sent[k], back[k]) for k in sent)
+    back = _weights(reply, msg)
+    floats = [k for k, v in sent.items() if v.is_floating_point()]
+    steps = torch.cat([(back[k] - sent[k]).reshape(-1) for k in floats])
+    assert 0.5 * STAND_IN_SCALE < float(steps.std()) < 2 * STAND_IN_SCALE
+    assert all(torch.equal(sent[k], back[k]) for k in sent if k not in floats)
+    again = _weights(make_client_app()(msg, site_context), msg)
+    assert all(torch.equal(back[k], again[k]) for k in back)
     assert reply.content["metrics"]["train_s"] == 0.0
 
 
@@ -135,7 +233,7 @@ def test_fedbn_keeps_normalisation_layers_at_the_site(site_context: Context,
     reply = make_client_app()(msg, context)
     saved = tmp_path / "plagh" / "fedbn-fed1.pt"
     assert saved.exists()
-    trained = reply.content["arrays"].to_torch_state_dict()
+    trained = _weights(reply, msg)
     local = torch.load(saved, weights_only=True)
     assert local
     assert all(torch.equal(local[k], trained[k]) for k in local)
@@ -169,7 +267,7 @@ def test_a_site_past_its_budget_refuses_to_train_and_still_evaluates(
     model = build_model(cfg.model, tuple(cfg.data.classes))
 
     def message(kind: str) -> Message:
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+        content = RecordDict({"arrays": _packed(model.state_dict()), "config": ConfigRecord(
             {"egcmf-config": to_yaml(cfg), "server-round": 1})})
         return Message(content=content, dst_node_id=1, message_type=kind)
 
@@ -181,6 +279,14 @@ def test_a_site_past_its_budget_refuses_to_train_and_still_evaluates(
     reply = make_client_app()(message(MessageType.EVALUATE), context)
     assert not reply.has_error()
     assert 0 <= reply.content["metrics"]["dice"] <= 1
+    both = message(MessageType.TRAIN)  # evaluation and training in one message
+    both.content["config"]["evaluate"] = True
+    reply = make_client_app()(both, context)
+    assert not reply.has_error()
+    assert 0 <= reply.content["evaluation"]["dice"] <= 1
+    assert reply.content["failure"]["code"] == PRIVACY_BUDGET_SPENT
+    assert "privacy budget spent" in reply.content["failure"]["reason"]
+    assert "arrays" not in reply.content
 
 
 def _dp_message(kind: str, *extra: str) -> Message:
@@ -189,7 +295,7 @@ def _dp_message(kind: str, *extra: str) -> Message:
         "dp.noise_multiplier=1.0", "dp.epsilon=100", *extra])
     torch.manual_seed(0)
     model = build_model(cfg.model, tuple(cfg.data.classes))
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+    content = RecordDict({"arrays": _packed(model.state_dict()), "config": ConfigRecord(
         {"egcmf-config": to_yaml(cfg), "server-round": 1})})
     return Message(content=content, dst_node_id=1, message_type=kind)
 
@@ -201,9 +307,10 @@ def test_only_a_simulation_replays_its_dp_noise(synth_root: Path, tmp_path: Path
     def trained(app_defaults: dict | None, run: str) -> dict[str, torch.Tensor]:
         context = _context({"site": "plagh", "data": str(synth_root / "site_01"),
                             "device": "cpu", "state-dir": str(tmp_path / run)})
-        reply = make_client_app(app_defaults)(_dp_message(MessageType.TRAIN), context)
+        msg = _dp_message(MessageType.TRAIN)
+        reply = make_client_app(app_defaults)(msg, context)
         assert not reply.has_error(), reply.error
-        return reply.content["arrays"].to_torch_state_dict()
+        return _weights(reply, msg)
 
     def same(a: dict, b: dict) -> bool:
         return all(torch.equal(a[k], b[k]) for k in a)
@@ -248,12 +355,12 @@ def test_an_inflating_site_claims_a_billion_examples(site_context: Context) -> N
     from fl_client.faults import INFLATED_EXAMPLES
 
     msg = _message(MessageType.TRAIN, "unet")
-    sent = msg.content["arrays"].to_torch_state_dict()
-    honest = make_client_app()(msg, site_context).content["arrays"].to_torch_state_dict()
+    sent = _sent(msg)
+    honest = _weights(make_client_app()(msg, site_context), msg)
     reply = make_client_app({"faults": {"plagh": "inflate"}, "max-update-ratio": 10.0})(
         msg, site_context)
     assert reply.content["metrics"]["num-examples"] == INFLATED_EXAMPLES
-    back = reply.content["arrays"].to_torch_state_dict()
+    back = _weights(reply, msg)
     name = next(k for k, v in sent.items() if v.is_floating_point())
     torch.testing.assert_close(back[name], sent[name] - 9.0 * (honest[name] - sent[name]))
 
@@ -279,7 +386,7 @@ def test_deleting_the_cache_does_not_reset_a_privacy_budget(
     model = build_model(cfg.model, tuple(cfg.data.classes))
 
     def train(rnd: int) -> float:
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+        content = RecordDict({"arrays": _packed(model.state_dict()), "config": ConfigRecord(
             {"egcmf-config": to_yaml(cfg), "server-round": rnd})})
         reply = make_client_app()(Message(content=content, dst_node_id=1,
                                           message_type=MessageType.TRAIN), context)

@@ -187,6 +187,10 @@ def test_the_readmes_federation_runs_as_written(tmp_path: Path, synth_root: Path
             assert code == 0, out
             assert "closed the federation" in out
             assert "signed by" in out
+            # one model message per round (evaluate the model received, then train on it),
+            # and one evaluation-only message for the last model
+            assert re.findall(r"round (\d+): ([a-z ]+) answered", out) == [
+                ("1", "evaluate and train"), ("2", "evaluate and train"), ("2", "evaluate")]
     finally:
         _stop(server, *clients)
     run_dir = centre / "runs" / "check"
@@ -407,7 +411,7 @@ def test_sites_wait_through_a_server_restart_and_the_resumed_run_matches(
         _wait_until((tmp / "run" / "round_001.pt").exists, server, time.monotonic() + 100)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-        done = len(_metrics(tmp / "run"))
+        stopped_after = sorted(p.name for p in (tmp / "run").glob("round_*.pt"))
         server = _server(tmp, port, 2, *TRAIN, "--resume")
         for proc in (server, uninterrupted):
             code, out = _finish(proc, 120)
@@ -418,7 +422,7 @@ def test_sites_wait_through_a_server_restart_and_the_resumed_run_matches(
             assert "closed the federation" in out
     finally:
         _stop(server, uninterrupted, *clients)
-    assert done >= 1
+    assert stopped_after  # round 1's model saved (its metrics line comes with round 2)
     assert [x["round"] for x in _metrics(tmp / "run")] == [1, 2]
     assert any("resuming after round" in e["message"] for e in _events(tmp / "run"))
     assert (reference / "run" / "metrics.jsonl").read_text() == (

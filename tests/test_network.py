@@ -242,6 +242,22 @@ def test_axial_cross_attention_equals_naive_reference() -> None:
     assert torch.allclose(module(q, kv), _naive_axial(module, q, kv), atol=1e-5)
 
 
+def test_axial_cross_attention_takes_sdpa_fused_path() -> None:
+    """SDPA on 5-D tensors falls back to its math kernel, which materialises every attention
+    matrix; MSFFM folds rows into the batch so that the fused kernel runs, forward and backward."""
+    from torch.profiler import profile
+
+    module = AxialCrossAttention(channels=32, heads=2)
+    q = torch.randn(2, 32, 6, 8, requires_grad=True)
+    kv = torch.randn(2, 32, 6, 8)
+    with profile() as prof:
+        module(q, kv).sum().backward()
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels, sorted(kernels)
+    assert torch.allclose(module(q, kv), _naive_axial(module, q, kv), atol=1e-5)
+
+
 def test_grad_cam_leaves_gradients_and_statistics_unchanged() -> None:
     model = _model("mrfm").train()
     inputs = _inputs(2, 64, 64)

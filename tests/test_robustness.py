@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
-from fl_client.faults import FAULTS, inject_fault
+from egcmf_model.packing import INT, Layout
+from fl_client.faults import FAULTS, inject_fault, misshape
+from fl_common.wire import Decoded, model_record, reply_record
+from fl_server.global_model import GlobalModel
 from fl_server.strategy import STRATEGIES, StrategyOptions, make_strategy
-from fl_server.validation import UpdateRules, check_evaluations, check_updates
+from fl_server.validation import UpdateRules, check_updates, evaluation_problem
 from sim.run import main as sim_main
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -38,16 +41,41 @@ def _near(base: OrderedDict, seed: int, step: float = 0.01) -> OrderedDict:
                        for k, v in base.items())
 
 
+LAYOUT = Layout.of(_state())
+F0 = "float.00"
+
+
+def _global(state: OrderedDict | None = None) -> GlobalModel:
+    return GlobalModel.of_state(LAYOUT, state or _state(0))
+
+
 def _train_metrics(**changes) -> dict:
     return {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
-            "site-weight": 1, **changes}
+            "site-weight": 1, "steps": 2, **changes}
 
 
-def _reply(site: str, state: OrderedDict, **metrics) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(state),
+def _reply(site: str, state: OrderedDict | ArrayRecord, wire: str = "float32",
+           **metrics) -> Message:
+    """A site's training reply: ``state`` packed for the ``wire`` (float16: its update from
+    the global model ``_state(0)`` as the centre sent it), or the arrays given."""
+    reference = model_record(LAYOUT.pack(_state(0)), wire)  # what the centre sent
+    arrays = state if isinstance(state, ArrayRecord) else reply_record(
+        state, LAYOUT, {k: a.numpy() for k, a in reference.items()}, wire)
+    content = RecordDict({"arrays": arrays,
                           "metrics": MetricRecord(_train_metrics(**metrics)),
                           "site": ConfigRecord({"name": site})})
     return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def _packed(state: OrderedDict, **changes: np.ndarray) -> ArrayRecord:
+    buffers = {k: v.numpy() for k, v in LAYOUT.pack(state).items()}
+    return ArrayRecord({k: Array(v) for k, v in {**buffers, **changes}.items()})
+
+
+def _unpacked(msg: Message) -> dict[str, torch.Tensor]:
+    """A kept reply's arrays (decoded buffers) as the network's state dict."""
+    return LAYOUT.unpack({k: torch.from_numpy(np.array(a.numpy()))
+                          for k, a in msg.content["arrays"].items()})
 
 
 def _site(msg: Message) -> str:
@@ -55,8 +83,8 @@ def _site(msg: Message) -> str:
 
 
 def _check(replies: list[Message], reference: OrderedDict | None = None,
-           rules: UpdateRules = RULES):
-    return check_updates(replies, ArrayRecord(reference or _state(0)), _site, CAPS, rules, 3)
+           rules: UpdateRules = RULES, wire: str = "float32"):
+    return check_updates(replies, _global(reference), wire, _site, CAPS, rules, 3)
 
 
 def _only_bad_rejected(bad: Message) -> str:
@@ -75,20 +103,20 @@ def test_healthy_updates_pass() -> None:
 
 
 def test_wrong_number_of_arrays() -> None:
-    bad = _near(_state(0), 3)
-    del bad["bn.running_mean"]
+    bad = _packed(_near(_state(0), 3))
+    del bad[INT]
     assert "wrong arrays" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_wrong_shape() -> None:
-    bad = _near(_state(0), 3)
-    bad["conv.weight"] = torch.randn(5, 3, 3, 3)
+    values = LAYOUT.pack(_near(_state(0), 3))[F0].numpy()
+    bad = _packed(_near(_state(0), 3), **{F0: np.append(values, 1.0)})
     assert "shape" in _only_bad_rejected(_reply("bad", bad))
 
 
 def test_wrong_dtype() -> None:
-    bad = _near(_state(0), 3)
-    bad["conv.weight"] = bad["conv.weight"].double()
+    values = LAYOUT.pack(_near(_state(0), 3))[F0].numpy()
+    bad = _packed(_near(_state(0), 3), **{F0: values.astype(np.float64)})
     assert "float64" in _only_bad_rejected(_reply("bad", bad))
 
 
@@ -175,9 +203,10 @@ def test_an_evaluation_reply_is_checked_too() -> None:
     replies = [evaluation("a"), evaluation("b", confusion=[1] * 4),
                evaluation("c", **{"num-examples": 50}), evaluation("bad", dice=[0.5]),
                evaluation("silent", loss=float("nan"))]  # an honest site, a broken model
-    checked = check_evaluations(replies, _site, CAPS, num_classes=3)
-    assert [_site(m) for m in checked.kept] == ["a", "silent"]
-    reasons = {r.site: r.reason for r in checked.rejected}
+    problems = {_site(m): evaluation_problem(m.content["metrics"], CAPS[_site(m)], 3)
+                for m in replies}
+    assert [site for site, problem in problems.items() if problem is None] == ["a", "silent"]
+    reasons = {site: problem for site, problem in problems.items() if problem}
     assert "list of 9 counts" in reasons["b"]
     assert "more than the 4" in reasons["c"]
     assert "a list where a number belongs" in reasons["bad"]
@@ -236,17 +265,57 @@ def test_norm_bounded_averaging_clips_each_update_to_the_median() -> None:
     checked = _check(replies, base, UpdateRules(10.0, floor=0.0, clip=1.0))
     median = sorted(n["weights"] for n in checked.norms.values())[1]
     for msg in checked.kept:
-        sent = msg.content["arrays"].to_torch_state_dict()
+        sent = _unpacked(msg)
         step = (sent["conv.weight"] - base["conv.weight"]).double().norm().item()
         assert step <= median * (1 + 1e-5)
-    kept = {_site(m): m.content["arrays"].to_torch_state_dict() for m in checked.kept}
-    torch.testing.assert_close(kept["a"]["conv.weight"], replies[0].content[
-        "arrays"].to_torch_state_dict()["conv.weight"])  # below the median: as sent
+    kept = {_site(m): _unpacked(m) for m in checked.kept}
+    torch.testing.assert_close(kept["a"]["conv.weight"],
+                               _near(base, 1, 0.01)["conv.weight"])  # below the median: as sent
+
+
+def test_each_reply_is_decoded_once_and_the_strategy_reads_it_as_decoded() -> None:
+    """Validation decodes a reply's buffers (float32: without a copy) and hands them to the
+    strategy, which averages them without decoding the reply again."""
+    base = _state(0)
+    kept = _check([_reply("a", _near(base, 1)), _reply("b", _near(base, 2))], base,
+                  UpdateRules(10.0, floor=0.01)).kept
+    assert all(isinstance(a, Decoded) for m in kept for a in m.content["arrays"].values())
+    assert all(not a.numpy().flags.owndata for m in kept for a in m.content["arrays"].values())
+    for m in kept:
+        m.content["arrays"].pop(INT)
+    floats, _ = make_strategy(StrategyOptions(min_sites=2)).aggregate_train(1, kept)
+    expected = (LAYOUT.pack(_near(base, 1))[F0] + LAYOUT.pack(_near(base, 2))[F0]) / 2
+    assert np.allclose(floats[F0].numpy(), expected.numpy())
+
+
+def test_float16_updates_are_added_to_the_centres_float32_model() -> None:
+    """The float16 wire: a site trains from the global model rounded to float16 and sends
+    w_site - w_received in float16; the centre adds it to its own float32 weights. An update
+    far below float16's resolution of the weights survives, where float16 weights lose it."""
+    rounded = LAYOUT.unpack({k: v.half().float() if k != INT else v
+                             for k, v in LAYOUT.pack(_state(0)).items()})  # what sites get
+    update = {k: 1e-5 * (1 + v.abs()) if v.is_floating_point() else torch.zeros_like(v)
+              for k, v in rounded.items()}
+    trained = OrderedDict((k, v + update[k]) for k, v in rounded.items())
+    checked = _check([_reply(s, trained, "float16") for s in "ab"], wire="float16")
+    assert not checked.rejected
+    decoded = checked.kept[0].content["arrays"][F0].numpy()
+    master = LAYOUT.pack(_state(0))[F0].numpy()
+    expected = LAYOUT.pack(update)[F0].numpy()
+    assert decoded.dtype == np.float32
+    # kept to float32's resolution of the weights (the site trains in float32)
+    assert np.abs((decoded - master) - expected).max() < 0.05 * np.abs(expected).max()
+    as_float16 = LAYOUT.pack(trained)[F0].half().float().numpy()  # plain float16 weights
+    lost = as_float16 - LAYOUT.pack(rounded)[F0].numpy()
+    assert np.abs(lost - expected).max() > 0.5 * np.abs(expected).max()
+    refused = _check([_reply("c", trained, "float32")], wire="float16")  # the wrong form
+    assert "float32, expected" in refused.rejected[0].reason
 
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "scale"])
 def test_each_corrupting_fault_is_rejected(kind: str) -> None:
-    assert _only_bad_rejected(_reply("bad", inject_fault(kind, _near(_state(0), 3))))
+    record = model_record(LAYOUT.pack(inject_fault(kind, _near(_state(0), 3))))
+    assert _only_bad_rejected(_reply("bad", misshape(record) if kind == "shape" else record))
 
 
 def test_dropout_fault_kills_the_site() -> None:
@@ -278,14 +347,16 @@ def test_inflate_fault_passes_the_norm_rule_it_was_built_for() -> None:
     torch.testing.assert_close(reversed_["conv.weight"], inflated["conv.weight"])
     assert (inflated["bn.running_var"] < 0).all()
     assert (reversed_["bn.running_var"] == 0).all()
-    others = [_reply(s, trained(seed)) for s, seed in (("a", 5), ("b", 6))]
-    checked = _check([*others, _reply("bad", inflated)], received)
+    def others() -> list[Message]:
+        return [_reply(s, trained(seed)) for s, seed in (("a", 5), ("b", 6))]
+
+    checked = _check([*others(), _reply("bad", inflated)], received)
     assert "negative variance" in checked.rejected[0].reason
-    checked = _check([*others, _reply("bad", reversed_)], received,
+    checked = _check([*others(), _reply("bad", reversed_)], received,
                      UpdateRules(10.0, floor=0.01, clip=1.0))
     assert not checked.rejected
     assert [_site(m) for m in checked.kept] == ["a", "b", "bad"]
-    clipped = checked.kept[2].content["arrays"].to_torch_state_dict()["conv.weight"]
+    clipped = _unpacked(checked.kept[2])["conv.weight"]
     assert (clipped - received["conv.weight"]).norm() < 0.2 * (
         reversed_["conv.weight"] - received["conv.weight"]).norm()
     with pytest.raises(ValueError, match="max update ratio"):

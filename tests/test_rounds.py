@@ -8,12 +8,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from egcmf_model.config import load_config
-from fl_server.federation import make_strategy, run_round, strategy_options
+from egcmf_model.packing import Layout
+from fl_common.wire import model_record, reply_record, view
+from fl_server.federation import Rounds, make_strategy, strategy_options
+from fl_server.global_model import GlobalModel
 from fl_server.recorder import RunRecorder
 from fl_server.settings import FederationSettings
 
@@ -29,21 +33,35 @@ def _global() -> OrderedDict:
                         ("bn.num_batches_tracked", torch.tensor(3))])
 
 
+LAYOUT = Layout.of(_global())
+EVALUATION = {"dice": 0.5, "miou": 0.4, "acc": 0.9, "loss": 0.3, "num-examples": 2,
+              "confusion": [1] * 9, "site-weight": 1}
+
+
+def received(msg: Message) -> OrderedDict:
+    """The global model a message brings (float32 wire), as the network's state dict."""
+    return OrderedDict(LAYOUT.unpack({k: torch.from_numpy(np.array(view(a)))
+                                      for k, a in msg.content["arrays"].items()}))
+
+
 def honest(msg: Message, site: str, **metrics) -> Message:
-    """A site that trains (a small step of its own) or evaluates, and answers in the schema."""
+    """A site that evaluates the model it receives (when asked) and trains (a small step of its
+    own), and answers in the schema."""
+    content = {"site": ConfigRecord({"name": site})}
     if msg.metadata.message_type == "evaluate":
-        content = {"metrics": MetricRecord({
-            "dice": 0.5, "miou": 0.4, "acc": 0.9, "loss": 0.3, "num-examples": 2,
-            "confusion": [1] * 9, "site-weight": 1}), "site": ConfigRecord({"name": site})}
-        return Message(content=RecordDict(content), reply_to=msg)
-    received = msg.content["arrays"].to_torch_state_dict()
+        return Message(content=RecordDict({**content, "metrics": MetricRecord(EVALUATION)}),
+                       reply_to=msg)
+    start = received(msg)
     g = torch.Generator().manual_seed(sum(map(ord, site)))
     state = OrderedDict((k, v + 0.01 * torch.rand(v.shape, generator=g)
-                         if v.is_floating_point() else v) for k, v in received.items())
+                         if v.is_floating_point() else v) for k, v in start.items())
     train = {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
-             "site-weight": 1, **metrics}
-    content = {"arrays": ArrayRecord(state), "metrics": MetricRecord(train),
-               "site": ConfigRecord({"name": site})}
+             "site-weight": 1, "steps": 2, **metrics}
+    reference = {k: view(a) for k, a in msg.content["arrays"].items()}
+    content.update({"arrays": reply_record(state, LAYOUT, reference, "float32"),
+                    "metrics": MetricRecord(train)})
+    if msg.content["config"].get("evaluate"):
+        content["evaluation"] = MetricRecord(EVALUATION)
     return Message(content=RecordDict(content), reply_to=msg)
 
 
@@ -52,28 +70,44 @@ class Grid:
 
     def __init__(self, behaviours: list[Behaviour]) -> None:
         self.behaviours = dict(enumerate(behaviours, start=1))
+        self.waiting: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.behaviours)
 
-    def send_and_receive(self, messages, timeout=None) -> list[Message]:
-        return [self.behaviours[m.metadata.dst_node_id](m, f"site_{m.metadata.dst_node_id}")
-                for m in messages]
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = str(i)
+            node = msg.metadata.dst_node_id
+            self.waiting.append(self.behaviours[node](msg, f"site_{node}"))
+            ids.append(str(i))
+        return ids
+
+    def pull_messages(self, ids) -> list[Message]:
+        replies, self.waiting = self.waiting, []
+        return replies
 
 
-def _round(tmp_path: Path, behaviours: list[Behaviour], **settings):
+def _rounds(tmp_path: Path, behaviours: list[Behaviour], **settings) -> Rounds:
     caps = {f"site_{i}": {"train": 4, "evaluate": 2} for i in range(1, len(behaviours) + 1)}
     s = FederationSettings(run_dir=str(tmp_path), sites=len(behaviours), simulation=True,
                            site_caps=json.dumps(caps), **settings)
     recorder = RunRecorder(tmp_path, load_config("tiny"), CLASSES)
-    strategy = make_strategy(strategy_options(s))
-    sent = ArrayRecord(_global())
-    new, line = run_round(Grid(behaviours), strategy, 1, sent, ConfigRecord({"x": 1}), s,
-                          recorder, CLASSES)
+    return Rounds(Grid(behaviours), s, make_strategy(strategy_options(s)), recorder, CLASSES,
+                  ConfigRecord({"x": 1}), GlobalModel.of_state(LAYOUT, _global()), None)
+
+
+def _round(tmp_path: Path, behaviours: list[Behaviour], **settings):
+    """Round 1 with these sites: whether the global model changed, the round's training part
+    of its line, the events, and the strategy."""
+    rounds = _rounds(tmp_path, behaviours, **settings)
+    rounds.run(1)
+    rounds.recorder.flush()
     path = tmp_path / "events.jsonl"
     events = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    changed = not torch.equal(new.to_torch_state_dict()["conv.weight"], _global()["conv.weight"])
-    return changed, line, events, strategy
+    changed = not torch.equal(rounds.model.state()["conv.weight"], _global()["conv.weight"])
+    return changed, rounds.pending, events, rounds.strategy
 
 
 def test_a_malformed_reply_is_dropped_and_the_round_goes_on(tmp_path: Path) -> None:
@@ -84,8 +118,8 @@ def test_a_malformed_reply_is_dropped_and_the_round_goes_on(tmp_path: Path) -> N
 
     changed, line, events, _ = _round(tmp_path, [honest, honest, extra_key])
     assert changed
-    assert "train_loss" not in line["sites"]["site_3"]  # its update did not count
-    assert {"site_1", "site_2"} <= {s for s, v in line["sites"].items() if "train_loss" in v}
+    assert "site_3" not in line["sites"]  # its update did not count
+    assert {"site_1", "site_2"} == set(line["sites"])
     (rejected,) = [e for e in events if e["kind"] == "rejected"]
     assert rejected["site"] == "site_3"
     assert "unexpected ['bonus']" in rejected["message"]
@@ -98,7 +132,7 @@ def test_a_site_claiming_more_examples_than_it_holds_is_left_out(tmp_path: Path)
     changed, line, events, _ = _round(tmp_path, [honest, honest, billion])
     assert changed
     assert "more than the 4 this site holds" in events[0]["message"]
-    assert "train_loss" not in line["sites"]["site_3"]
+    assert "site_3" not in line["sites"]
 
 
 def test_server_side_dp_logs_a_round_flower_skips(tmp_path: Path) -> None:
@@ -108,9 +142,9 @@ def test_server_side_dp_logs_a_round_flower_skips(tmp_path: Path) -> None:
         reply = honest(msg, site)
         if "arrays" not in reply.content:  # evaluation
             return reply
-        state = reply.content["arrays"].to_torch_state_dict()
+        state = received(msg)
         state["conv.weight"][0, 0, 0, 0] = float("nan")
-        reply.content["arrays"] = ArrayRecord(state)
+        reply.content["arrays"] = model_record(LAYOUT.pack(state))
         return reply
 
     dp = {"server_dp_noise": 1.0, "server_dp_clip": 1.0, "min_sites": 2}
@@ -157,14 +191,11 @@ def test_server_side_dp_noise_never_leaves_a_negative_variance(tmp_path: Path) -
     """Noise on BatchNorm running variances can push them below 0, which makes every
     evaluation NaN and every next update invalid; the centre raises them to 0 (post-processing,
     no privacy spent)."""
-    import numpy as np
-
     np.random.seed(0)
     dp = {"server_dp_noise": 10.0, "server_dp_clip": 1.0}
-    s = FederationSettings(run_dir=str(tmp_path), sites=2, simulation=True, **dp)
-    recorder = RunRecorder(tmp_path, load_config("tiny"), CLASSES)
-    new, _ = run_round(Grid([honest, honest]), make_strategy(strategy_options(s)), 1,
-                       ArrayRecord(_global()), ConfigRecord({"x": 1}), s, recorder, CLASSES)
-    variance = new.to_torch_state_dict()["bn.running_var"]
+    rounds = _rounds(tmp_path, [honest, honest], **dp)
+    rounds.run(1)
+    rounds.recorder.flush()
+    variance = rounds.model.state()["bn.running_var"]
     assert (variance >= 0).all()
     assert (variance == 0).any()  # the noise did push some below 0

@@ -51,3 +51,18 @@ def test_no_second_copy_of_the_defaults_in_a_pyproject() -> None:
     assert "[tool.flwr.app" not in (ROOT / "pyproject.toml").read_text()
     template = tomllib.loads((ROOT / "fl_server" / "flwr_app" / "pyproject.toml").read_text())
     assert "config" not in template["tool"]["flwr"]["app"]  # written from the settings
+
+
+def test_both_commands_refuse_to_keep_no_checkpoint(tmp_path: Path, capsys) -> None:
+    from fl_server.cli import main as server_main
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from sim.run import main as sim_main
+    finally:
+        sys.path.remove(str(ROOT))
+    assert server_main(["start", "--keep-checkpoints", "0", "--insecure", "--address",
+                        "127.0.0.1:1", "--run-dir", str(tmp_path / "a")]) == 2
+    assert sim_main(["--keep-checkpoints", "0", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--keep-checkpoints must be at least 1") == 2

@@ -121,3 +121,38 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, synth_root: Path, cap
     assert main(["--clients", "9", "--data", str(synth_root), "--dataset", "synthetic",
                  "--partition", "institution", "--out", str(tmp_path / "x")]) == 2
     assert "institutions" in capsys.readouterr().err
+
+
+def test_each_site_gets_one_model_message_per_round(tmp_path: Path, synth_root: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round r's one message to a site brings the global model of round r - 1 to evaluate and
+    to train on; the last model gets one evaluation-only message. metrics.jsonl still has one
+    line per round from 1, and summary.json the initial model's evaluation."""
+    from fl_server import federation
+
+    sent: list[tuple[str, int, bool, int]] = []
+    exchange = federation.exchange
+
+    def spy(grid, messages, timeout):
+        messages = list(messages)
+        for m in messages:
+            config = m.content["config"]
+            sent.append((m.metadata.message_type, int(config["server-round"]),
+                         bool(config.get("evaluate")), m.metadata.dst_node_id))
+            assert len(m.content["arrays"]) <= 64
+        return exchange(grid, messages, timeout)
+
+    monkeypatch.setattr(federation, "exchange", spy)
+    out = _run(tmp_path, synth_root, "once", "--rounds", "3")
+    nodes = {node for *_, node in sent}
+    assert len(nodes) == 2
+    for node in nodes:
+        assert [s[:3] for s in sent if s[3] == node] == [
+            ("train", 1, True), ("train", 2, True), ("train", 3, True), ("evaluate", 3, False)]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert all({"dice", "train_loss"} <= set(v) for x in lines for v in x["sites"].values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["round"] == 3
+    assert summary["wire"] == "float32"
+    assert set(summary["initial"]["sites"]) == {"client_00", "client_01"}

@@ -263,3 +263,41 @@ def test_an_undefined_validation_dice_can_be_the_best(
     assert main(["train", "--data", str(synth_root / "site_01"), "--epochs", "3",
                  "--out", str(tmp_path), "--set", "model.variant=unet"]) == 0
     assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 2
+
+
+def _one_step(root: Path, device: str, speed) -> tuple[dict[str, float], torch.nn.Module]:
+    from egcmf_model.engine import train_epoch
+
+    batch, classes = _batch(root)
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny").model, classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats = train_epoch(model, [batch], optimizer, torch.device(device), EGCMFLoss(0.5),
+                        speed=speed)
+    return stats, model
+
+
+def test_gpu_speed_options_change_nothing_on_the_cpu(synth_root: Path) -> None:
+    """train.amp=bf16 and train.channels_last are GPU options: the CPU trains as without."""
+    from egcmf_model.engine import GpuSpeed
+
+    plain, a = _one_step(synth_root, "cpu", GpuSpeed())
+    fast, b = _one_step(synth_root, "cpu", GpuSpeed(amp="bf16", channels_last=True))
+    assert plain == fast
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                  b.state_dict().values(), strict=True))
+    assert load_config("tiny").train.amp == "none"
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_and_channels_last_train_on_a_gpu(synth_root: Path) -> None:
+    from egcmf_model.engine import GpuSpeed
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    plain, _ = _one_step(synth_root, "cuda", GpuSpeed())
+    fast, model = _one_step(synth_root, "cuda", GpuSpeed(amp="bf16", channels_last=True))
+    assert np.isfinite(fast["loss"])
+    assert abs(fast["loss"] - plain["loss"]) < 0.05 * abs(plain["loss"])
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The simulation at paper size, training skipped, against bare Flower's simulation moving the
+# same number of float32 parameters, in one invocation (CPU):
+#   ../shared/bench/flower_baseline.py --params P --clients N --rounds R
+#   python sim/run.py --preset paper --set train.skip=true --clients N --rounds R
+# Prints one JSON line per run and the ratio of the seconds per round (ours: every round and
+# the final evaluation-only message, over R). By hand:
+#   bash bench/sim_paper.sh            # 5 clients, 3 rounds
+#   CLIENTS=2 ROUNDS=2 bash bench/sim_paper.sh
+set -euo pipefail
+CLIENTS=${CLIENTS:-5}; ROUNDS=${ROUNDS:-3}
+WORK=$(mktemp -d); export FLWR_TELEMETRY_ENABLED=0 EGCMF_CACHE="$WORK/cache"
+HERE=$(cd "$(dirname "$0")" && pwd)
+BASELINE=${BASELINE:-$HERE/../../shared/bench/flower_baseline.py}
+[ -f "$BASELINE" ] || BASELINE=/work/shared/bench/flower_baseline.py
+PARAMS=$(python -c "
+import torch
+from egcmf_model.config import load_config
+from egcmf_model.engine import build_model
+with torch.device('meta'):
+    m = build_model(load_config('paper').model, ('a', 'b', 'c'))
+print(sum(v.numel() for v in m.state_dict().values() if v.is_floating_point()))")
+echo "{\"clients\": $CLIENTS, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
+# the sites' data is never read with train.skip: two small ROIs each are enough
+egcmf synth --out "$WORK/data" --sites "$CLIENTS" --rois-per-site 2 --size 64 2>/dev/null
+python "$HERE/peak_rss.py" -- python "$BASELINE" --params "$PARAMS" --clients "$CLIENTS" \
+  --rounds "$ROUNDS" > "$WORK/baseline.txt" 2> "$WORK/baseline.log"
+python "$HERE/peak_rss.py" -- python "$HERE/../sim/run.py" --preset paper --set train.skip=true \
+  --clients "$CLIENTS" --rounds "$ROUNDS" --data "$WORK/data" --dataset synthetic \
+  --partition iid --out "$WORK/run" > "$WORK/ours.txt" 2> "$WORK/ours.log"
+python - "$WORK" <<'PY'
+import json, re, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+base_text = (work / "baseline.txt").read_text()
+base = float(re.search(r"per_round_s=([\d.]+)", base_text).group(1))
+base_rss = json.loads(base_text.strip().splitlines()[-1])["peak_rss_gib"]
+summary = json.loads((work / "run" / "summary.json").read_text())
+seconds = [v["round"] for v in summary["round_seconds"].values()]
+ours = (sum(seconds) + summary["final_evaluation_seconds"]) / len(seconds)
+ours_rss = json.loads((work / "ours.txt").read_text().strip().splitlines()[-1])["peak_rss_gib"]
+print(json.dumps({"run": "baseline", "seconds_per_round": base, "peak_rss_gib": base_rss}))
+print(json.dumps({"run": "ours", "round_seconds": seconds,
+                  "final_evaluation_seconds": summary["final_evaluation_seconds"],
+                  "seconds_per_round": round(ours, 2), "peak_rss_gib": ours_rss}))
+print(json.dumps({"ours_over_baseline": round(ours / base, 3),
+                  "load_after": open("/proc/loadavg").read().split()[:3]}))
+PY
+rm -rf "$WORK"

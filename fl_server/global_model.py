@@ -1,0 +1,83 @@
+"""The centre's global model: the float32 master copy of the network's packed buffers.
+
+Flower's strategies see the float buffers only (``floats``) and aggregate them element by
+element; the integer buffer (BatchNorm's batch counters, which no strategy should average or
+clip) of a new global model is the largest count any valid site reports. What goes to the sites
+is :meth:`GlobalModel.wire`: the same buffers, or their float16 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from egcmf_model.packing import INT, Layout
+from fl_common.wire import model_record, tensor, view
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    layout: Layout
+    floats: ArrayRecord  # float32 float buffers: what the strategies aggregate
+    ints: np.ndarray | None  # the integer buffer, None for a network without one
+
+    @classmethod
+    def of_state(cls, layout: Layout, state: Mapping[str, torch.Tensor]) -> GlobalModel:
+        buffers = layout.pack(state)
+        ints = buffers.pop(INT, None)
+        return cls(layout, model_record(buffers), None if ints is None else ints.numpy())
+
+    @classmethod
+    def aggregated(cls, previous: GlobalModel, floats: ArrayRecord,
+                   ints: list[np.ndarray]) -> GlobalModel:
+        """The new global model from a strategy's float buffers (float32 kept as they are) and
+        the valid replies' integer buffers."""
+        record = ArrayRecord({k: a if a.dtype == "float32" else
+                              Array(a.numpy().astype(np.float32)) for k, a in floats.items()})
+        counters = previous.ints if not ints else np.maximum.reduce(ints)
+        return cls(previous.layout, record, counters)
+
+    def without_negative_variances(self) -> tuple[GlobalModel, int]:
+        """This model with BatchNorm running variances below 0 raised to 0, and how many there
+        were. An average of valid updates has none; server-side DP noise can make some (raising
+        them is post-processing, which spends no privacy). Left negative, they would make every
+        evaluation NaN and every site's next update fail validation."""
+        variances = [s for s in self.layout.slots if s.name.endswith("running_var")]
+        count = sum(int((self.values[s.buffer][s.start:s.stop] < 0).sum()) for s in variances)
+        if not count:
+            return self, 0
+        floats = {k: view(a).copy() for k, a in self.floats.items()}
+        for s in variances:
+            np.maximum(floats[s.buffer][s.start:s.stop], 0, out=floats[s.buffer][s.start:s.stop])
+        return GlobalModel(self.layout, model_record(floats), self.ints), count
+
+    @cached_property
+    def values(self) -> dict[str, np.ndarray]:
+        """Every buffer, float32 and int64, without a copy (read-only)."""
+        out = {k: view(a) for k, a in self.floats.items()}
+        if self.ints is not None:
+            out[INT] = self.ints
+        return out
+
+    def wire(self, dtype: str) -> ArrayRecord:
+        """What the sites receive: the buffers, with the float ones in ``dtype``."""
+        return self._float16 if dtype == "float16" else self._float32
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The network's state dict, sharing this model's memory (to be read, not changed)."""
+        return self.layout.unpack({k: tensor(v) for k, v in self.values.items()})
+
+    @cached_property
+    def _float32(self) -> ArrayRecord:
+        extra = {} if self.ints is None else {INT: Array(self.ints)}
+        return ArrayRecord({**self.floats, **extra})
+
+    @cached_property
+    def _float16(self) -> ArrayRecord:
+        return model_record(self.values, "float16")
+

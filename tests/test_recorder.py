@@ -1,0 +1,91 @@
+"""The run folder's checkpoints: written in the background, in order, few, not serialised twice."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from egcmf_model.checkpoint import read_checkpoint
+from egcmf_model.config import load_config
+from fl_server import recorder as recorder_module
+from fl_server.recorder import RunRecorder
+
+CLASSES = ("background", "in_situ", "invasive")
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4,), value), "n": torch.tensor(3)}
+
+
+def _recorder(run: Path, keep: int = 3) -> RunRecorder:
+    return RunRecorder(run, load_config("tiny"), CLASSES, keep)
+
+
+def _line(dice: float) -> dict:
+    return {"dice": dice, "miou": dice, "acc": dice, "loss": 1.0, "sites": {}}
+
+
+def test_only_the_newest_round_checkpoints_stay_and_best_is_a_link(tmp_path: Path) -> None:
+    rec = _recorder(tmp_path, keep=2)
+    for rnd, dice in enumerate((0.1, 0.5, 0.3, 0.2), start=1):
+        rec.record_round(rnd, _state(rnd), _line(dice))
+    rec.finish(4)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "best.pt", "final.pt", "round_003.pt", "round_004.pt"]
+    best = read_checkpoint(tmp_path / "best.pt")
+    assert best["round"] == 2
+    assert torch.equal(best["model"]["w"], _state(2)["w"])
+    assert (tmp_path / "final.pt").stat().st_ino == (tmp_path / "round_004.pt").stat().st_ino
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text()
+            .splitlines()] == [1, 2, 3, 4]
+    resumed = _recorder(tmp_path)
+    assert resumed.last_round()[0] == 4
+    assert resumed.best == {"round": 2, "dice": 0.5}
+
+
+def test_checkpoints_are_written_off_the_rounds_path_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk holds up no round: the round returns while its checkpoint is still being
+    written, and its metrics line follows the checkpoint, never precedes it."""
+    release = threading.Event()
+    real = recorder_module.write_checkpoint
+
+    def slow(*args, **kwargs) -> None:
+        assert release.wait(30)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(recorder_module, "write_checkpoint", slow)
+    rec = _recorder(tmp_path)
+    rec.record_round(1, _state(1), _line(0.1))  # returns at once
+    assert not (tmp_path / "round_001.pt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    release.set()
+    rec.flush()
+    assert (tmp_path / "round_001.pt").exists()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_a_failed_checkpoint_write_stops_the_run(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(*args, **kwargs) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recorder_module, "write_checkpoint", full_disk)
+    rec = _recorder(tmp_path)
+
+    def one_round() -> None:  # the error comes at the next write or at the end
+        rec.record_round(1, _state(1), _line(0.1))
+        rec.flush()
+
+    with pytest.raises(OSError, match="No space left"):
+        one_round()
+    assert not (tmp_path / "metrics.jsonl").exists()  # no line without its checkpoint
+
+
+def test_keep_checkpoints_must_keep_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        _recorder(tmp_path, keep=0)
