@@ -47,7 +47,8 @@ def _checkpoint(run: Path, done: int) -> None:
     recorder = RunRecorder(run, cfg, tuple(cfg.data.classes))
     recorder.settings = json.loads((run / "settings.json").read_text())["settings"]
     model = build_model(cfg.model, tuple(cfg.data.classes))
-    recorder.record_round(done, model, {"dice": 0.1, "sites": {}})
+    recorder.record_round(done, model.state_dict(), {"dice": 0.1, "sites": {}})
+    recorder.flush()
 
 
 def test_fl_server_start_refuses_a_non_empty_run_folder(tmp_path: Path, started: list,
