@@ -16,6 +16,7 @@ Both sides agree on the layout because both build the same network; nothing else
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -99,7 +100,9 @@ def view(array: Array) -> np.ndarray:
     shape, fortran, dtype = read_header(stream)
     if fortran or dtype.hasobject:
         raise ValueError("unsupported array layout")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
+    if count < 0 or count * dtype.itemsize > len(data) - stream.offset:
+        raise ValueError(f"the header declares {count} values; the array holds fewer")
     return np.frombuffer(data, dtype=dtype, count=count, offset=stream.offset).reshape(shape)
 
 
@@ -137,13 +140,14 @@ def decoded_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def squared_distance(a: np.ndarray, b: np.ndarray | None = None) -> float:
-    """``||a - b||²`` (``||a||²`` without ``b``) in float32 steps, summed in float64 scalars:
-    no float64 copy of the model, no full-size temporary."""
+    """``||a - b||²`` (``||a||²`` without ``b``) in float64, a chunk at a time: no float64
+    copy of the model, no full-size temporary, and no float32 overflow or rounding (finite
+    float32 values above 1.8e19 would square to inf)."""
     total = 0.0
     for start in range(0, a.size, CHUNK):
-        d = a[start:start + CHUNK].astype(np.float32, copy=False)
+        d = a[start:start + CHUNK].astype(np.float64)
         if b is not None:
-            d = d - b[start:start + CHUNK]
+            d -= b[start:start + CHUNK]
         total += float(np.dot(d, d))
     return total
 

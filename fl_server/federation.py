@@ -101,7 +101,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                            "federation-id": federation_id(settings.run_dir, config_yaml),
                            "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
     rounds = Rounds(grid, settings, strategy, recorder, classes, config, model,
-                    (payload or {}).get("pending"))
+                    (payload or {}).get("pending"), cfg.model.in_size**2)
     seconds, done = {}, start
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
@@ -160,11 +160,12 @@ class Rounds:
 
     def __init__(self, grid: Grid, settings: FederationSettings, strategy: Strategy,
                  recorder: RunRecorder, classes: tuple[str, ...], config: ConfigRecord,
-                 model: GlobalModel, pending: dict[str, Any] | None) -> None:
+                 model: GlobalModel, pending: dict[str, Any] | None, pixels: int = 0) -> None:
         self.grid, self.settings, self.strategy = grid, settings, strategy
         self.recorder, self.classes, self.config = recorder, classes, config
         self.model = model
         self.pending = pending  # the training part of the newest round's line
+        self.pixels = pixels  # labelled pixels per validation example (0: unknown)
 
     def run(self, rnd: int) -> dict[str, float]:
         """Round ``rnd``; returns each site's training seconds."""
@@ -172,8 +173,8 @@ class Rounds:
         messages = self._with_model(self.strategy.configure_train(
             rnd, self.model.floats, config, self.grid))
         replies = self._replies(messages, rnd, "train")
-        self._evaluated(rnd - 1, [(site_of(m), m.content.pop(EVALUATION))
-                                  for m in replies if EVALUATION in m.content])
+        self._evaluated(rnd - 1, [(site_of(m), m.content.pop(EVALUATION)) for m in replies
+                                  if EVALUATION in m.content and _claimed_name(m) is not None])
         failed = [m for m in replies if FAILURE in m.content]
         self._failures(rnd, failed)
         s = self.settings
@@ -281,7 +282,8 @@ class Rounds:
             return
         caps, good, rejected = self.settings.caps("evaluate"), [], []
         for site, metrics in evaluations:
-            problem = evaluation_problem(metrics, caps.get(site), len(self.classes))
+            problem = evaluation_problem(metrics, caps.get(site), len(self.classes),
+                                         self.pixels)
             if problem:
                 rejected.append(Rejection(site, problem))
             else:
@@ -343,6 +345,7 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
     """Successful replies from sites that are who they say, sorted by site name; failures and
     impostors go to events.jsonl."""
     identity, good = SiteIdentity(settings.node_sites()), []
+    names = [_claimed_name(m) for m in replies if not m.has_error()]
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
@@ -350,6 +353,12 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
                            f"{msg.error.reason}", round=rnd)
             continue
         problem = identity.check(node, _claimed_name(msg))
+        if problem is None and names.count(_claimed_name(msg)) > 1:
+            message = (f"round {rnd} {stage}: more than one reply under the name "
+                       f"{_claimed_name(msg)!r}; all of them are left out")
+            log.warning(message)
+            recorder.event("identity", message, round=rnd, node=node)
+            continue
         if problem is None:
             good.append(msg)
             continue

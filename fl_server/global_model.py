@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord
 from egcmf_model.packing import INT, Layout
 from fl_common.wire import model_record, tensor, view
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
 
 @dataclass(frozen=True)
 class GlobalModel:
@@ -79,5 +81,9 @@ class GlobalModel:
 
     @cached_property
     def _float16(self) -> ArrayRecord:
+        largest = max((float(np.abs(view(a)).max()) for a in self.floats.values()), default=0.0)
+        if not largest <= FLOAT16_MAX:
+            raise ValueError(f"the global model holds a value of {largest:.3g}, beyond what the "
+                             "float16 wire can carry (65504): resume with --wire float32")
         return model_record(self.values, "float16")
 

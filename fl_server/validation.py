@@ -49,6 +49,7 @@ from .global_model import GlobalModel
 VARIANCE = "running_var"  # BatchNorm's running variance: never negative in an honest model
 STATISTICS = ("running_mean", VARIANCE)  # BatchNorm's statistics, judged apart from weights
 GROUPS = ("weights", "statistics")
+COUNTS = frozenset({"steps"})  # metrics that are whole numbers (num-examples: its own check)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def metrics_problem(metrics: object, keys: frozenset[str], num_classes: int) -> 
                 f"{sorted(set(metrics) - keys)}")
     for key, value in metrics.items():
         problem = (_counts_problem(value, num_classes**2) if key == CONFUSION
-                   else _scalar_problem(value))
+                   else _count_problem(value) if key in COUNTS else _scalar_problem(value))
         if problem:
             return f"metric {key}: {problem}"
     if metrics[SITE_WEIGHT] != 1:
@@ -112,10 +113,19 @@ def metrics_problem(metrics: object, keys: frozenset[str], num_classes: int) -> 
     return None
 
 
-def evaluation_problem(metrics: object, cap: int | None, num_classes: int) -> str | None:
-    """An evaluation's metrics: the schema, and a valid count of validation examples."""
-    return (metrics_problem(metrics, EVALUATE_METRICS, num_classes)
-            or examples_problem(metrics[EXAMPLES], cap))  # type: ignore[index]
+def evaluation_problem(metrics: object, cap: int | None, num_classes: int,
+                       pixels: int = 0) -> str | None:
+    """An evaluation's metrics: the schema, a valid count of validation examples and, with
+    ``pixels`` (labelled pixels per example), no more confusion counts than those examples
+    hold, so that one site cannot outweigh the others in the pooled metrics."""
+    problem = (metrics_problem(metrics, EVALUATE_METRICS, num_classes)
+               or examples_problem(metrics[EXAMPLES], cap))  # type: ignore[index]
+    if problem is None and pixels:
+        counted, examples = sum(metrics[CONFUSION]), metrics[EXAMPLES]  # type: ignore[index]
+        if counted > examples * pixels:
+            problem = (f"{counted} pixels counted, more than the {examples} examples of "
+                       f"{pixels} pixels hold")
+    return problem
 
 
 def _kinds(content: RecordDict) -> dict[str, str]:
@@ -138,6 +148,10 @@ def _listed(kinds: dict[str, str]) -> str:
 def _scalar_problem(value: object) -> str | None:
     """A number (NaN allowed: an honest site evaluating a broken model reports one)."""
     return "a list where a number belongs" if isinstance(value, list) else None
+
+
+def _count_problem(value: object) -> str | None:
+    return None if isinstance(value, int) and value >= 0 else "not a count (an integer ≥ 0)"
 
 
 def _counts_problem(value: object, length: int) -> str | None:
@@ -174,6 +188,22 @@ def _statistics(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+@cache
+def _groups(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
+    """Float buffer -> ``(start, stop, group)`` runs of neighbouring tensors of one group, so
+    that each group's norm is summed over its own values (never as a difference of sums)."""
+    out: dict[str, list[tuple[int, int, str]]] = {}
+    for slot in layout.slots:
+        if kind(slot.buffer) != FLOAT:
+            continue
+        runs, group = out.setdefault(slot.buffer, []), group_of(slot.name)
+        if runs and runs[-1][2] == group and runs[-1][1] == slot.start:
+            runs[-1] = (runs[-1][0], slot.stop, group)
+        else:
+            runs.append((slot.start, slot.stop, group))
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
                   ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
     """``(problem, weights, norms)`` of a reply's arrays: its buffers' names, sizes and dtypes
@@ -185,7 +215,7 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
         missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
         return (f"wrong arrays: {len(record)} sent, {len(expected)} expected (missing "
                 f"{missing[:3]}, unexpected {extra[:3]})"), {}, {}
-    statistics = _statistics(model.layout)
+    statistics, groups = _statistics(model.layout), _groups(model.layout)
     weights, squares = {}, dict.fromkeys(GROUPS, 0.0)
     for name, size in expected.items():
         try:
@@ -200,24 +230,26 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
             weights[name] = values
             continue
         master = model.values[name]
-        if wire == "float32":
-            part, site = squared_distance(values, master), values
-        else:  # the site's update: added to the centre's float32 weights
-            update = values.astype(np.float32)
-            part = squared_distance(update)
-            site = np.add(update, master, out=update)
-        if not math.isfinite(part) and not all_finite(values):  # a finite sum: all finite
-            return f"array {name}: holds NaN or Inf", {}, {}
-        stats = 0.0
+        site = values if wire == "float32" else np.add(  # float16: the site's update, added
+            values.astype(np.float32), master)           # to the centre's float32 weights
+        parts = dict.fromkeys(GROUPS, 0.0)
+        for start, stop, group in groups.get(name, ()):
+            parts[group] += squared_distance(site[start:stop], master[start:stop])
+        if not all(math.isfinite(p) for p in parts.values()):
+            if not all_finite(site):
+                return f"array {name}: holds NaN or Inf", {}, {}
+            return f"array {name}: values too large for a norm (an overflow)", {}, {}
         for start, stop, tensor in statistics.get(name, ()):
             if tensor.endswith(VARIANCE) and (site[start:stop] < 0).any():
                 return (f"array {tensor}: a negative variance "
                         f"({float(site[start:stop].min()):.3g})"), {}, {}
-            stats += squared_distance(site[start:stop], master[start:stop])
-        squares["statistics"] += stats
-        squares["weights"] += max(part - stats, 0.0)
+        for g in GROUPS:
+            squares[g] += parts[g]
         weights[name] = site
-    return None, weights, {g: s**0.5 for g, s in squares.items()}
+    norms = {g: s**0.5 for g, s in squares.items()}
+    if not all(math.isfinite(n) for n in norms.values()):
+        return "the update's norm is not finite (values too large)", {}, {}
+    return None, weights, norms
 
 
 def norm_limit(norms: list[float], rules: UpdateRules) -> float:
@@ -268,13 +300,20 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
     of the group's median norm (norm-bounded averaging). The kept replies' arrays are replaced
     by their decoded float32 (and int64) buffers."""
     kept, rejected, norms, sent = [], [], {}, {}
+    names = [site_of(m) for m in replies]
     for msg in replies:
         site = site_of(msg)
-        problem = record_problem(msg.content, "train", num_classes)
-        if problem is None:
-            problem = examples_problem(msg.content[METRICS][EXAMPLES], caps.get(site))
-        if problem is None:
-            problem, sent[site], norms[site] = decode_update(msg.content[ARRAYS], model, wire)
+        if names.count(site) > 1:
+            rejected.append(Rejection(site, "more than one reply under this site's name"))
+            continue
+        try:
+            problem = (record_problem(msg.content, "train", num_classes)
+                       or examples_problem(msg.content[METRICS][EXAMPLES], caps.get(site)))
+            if problem is None:
+                problem, sent[site], norms[site] = decode_update(msg.content[ARRAYS], model,
+                                                                 wire)
+        except Exception as exc:  # whatever a reply holds, it never stops the round
+            problem = f"unreadable reply ({type(exc).__name__}: {exc})"
         if problem:
             rejected.append(Rejection(site, problem))
             norms.pop(site, None)

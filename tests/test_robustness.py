@@ -400,3 +400,68 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path: Path) -> None:
     assert np.array_equal(b.m_t["w"], a.m_t["w"])
     assert np.array_equal(b.v_t["w"], a.v_t["w"])
     assert strategy_state(make_strategy(StrategyOptions(name="fedavg"))) == {}
+
+
+def test_a_finite_but_huge_statistic_is_rejected_alone() -> None:
+    """Finite float32 values above 1.8e19 square to inf in float32: the norms are summed in
+    float64, so only the site that sends them is left out, and the median stays a number."""
+    base = _state(0)
+    evil = _near(base, 9)
+    evil["bn.running_mean"] = torch.full((4,), 1e20)
+    honest = [_reply(s, _near(base, i)) for i, s in enumerate("abcd", start=1)]
+    checked = _check([*honest, _reply("x", evil)], base, UpdateRules(10.0, 0.01, 1.0))
+    assert [_site(m) for m in checked.kept] == ["a", "b", "c", "d"]
+    assert [r.site for r in checked.rejected] == ["x"]
+
+
+def test_the_weights_norm_is_exact_when_the_statistics_move_far_more() -> None:
+    base = _state(0)
+    moved = _near(base, 1, step=0.01)
+    moved["bn.running_mean"] = moved["bn.running_mean"] + 300.0
+    (norms,) = _check([_reply("a", moved)], base).norms.values()
+    true = (moved["conv.weight"] - base["conv.weight"]).double().norm().item()
+    assert norms["weights"] == pytest.approx(true, rel=1e-6)
+    assert norms["statistics"] == pytest.approx(600.0, rel=1e-6)
+
+
+def test_an_array_whose_header_lies_about_its_size_is_rejected_not_raised() -> None:
+    values = LAYOUT.pack(_near(_state(0), 3))[F0].numpy()
+    lying = Array(dtype="float32", shape=(10**29,), stype="numpy.ndarray",
+                  data=_npy(values, 10**29))
+    bad = _packed(_near(_state(0), 3))
+    bad[F0] = lying
+    assert "holds fewer" in _only_bad_rejected(_reply("bad", bad))
+
+
+def _npy(values: np.ndarray, declared: int) -> bytes:
+    """``values`` serialised as .npy under a header that declares ``declared`` of them."""
+    import io
+
+    header = io.BytesIO()
+    meta = {**np.lib.format.header_data_from_array_1_0(values), "shape": (declared,)}
+    np.lib.format.write_array_header_1_0(header, meta)
+    return header.getvalue() + values.tobytes()
+
+
+@pytest.mark.parametrize("steps", [float("nan"), float("inf"), -1, 2.5])
+def test_a_step_count_that_is_no_count_is_rejected(steps) -> None:
+    assert "not a count" in _only_bad_rejected(_reply("bad", _near(_state(0), 3), steps=steps))
+
+
+def test_two_replies_under_one_name_are_both_left_out() -> None:
+    base = _state(0)
+    twins = [_reply("a", _near(base, 1)), _reply("a", _near(base, 2))]
+    checked = _check([*twins, _reply("b", _near(base, 3))], base)
+    assert [_site(m) for m in checked.kept] == ["b"]
+    assert [r.site for r in checked.rejected] == ["a", "a"]
+
+
+def test_confusion_counts_are_capped_by_the_examples_they_claim() -> None:
+    """A site claiming 2 validation tiles cannot count 10^12 pixels: the pooled Dice would be
+    its own."""
+    metrics = MetricRecord({"dice": 1.0, "miou": 1.0, "acc": 1.0, "loss": 0.0,
+                            "num-examples": 2, "confusion": [10**12, 0, 0, 0, 10**12, 0, 0, 0,
+                                                             10**12], "site-weight": 1})
+    assert "more than the 2 examples" in evaluation_problem(metrics, 4, 3, pixels=64 * 64)
+    metrics["confusion"] = [2 * 64 * 64, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert evaluation_problem(metrics, 4, 3, pixels=64 * 64) is None

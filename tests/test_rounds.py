@@ -199,3 +199,32 @@ def test_server_side_dp_noise_never_leaves_a_negative_variance(tmp_path: Path) -
     variance = rounds.model.state()["bn.running_var"]
     assert (variance >= 0).all()
     assert (variance == 0).any()  # the noise did push some below 0
+
+
+def test_replies_built_to_crash_the_round_are_left_out_one_by_one(tmp_path: Path) -> None:
+    """A second reply under another site's name (simulation and --insecure take names as
+    stated), a step count that is NaN, an evaluation that counts more pixels than its tiles
+    hold: each is logged and left out, and the honest sites' round completes."""
+    def twin(msg: Message, site: str) -> Message:
+        return honest(msg, "site_1")
+
+    def nan_steps(msg: Message, site: str) -> Message:
+        return honest(msg, site, steps=float("nan"))
+
+    def inflated_evaluation(msg: Message, site: str) -> Message:
+        reply = honest(msg, site)
+        reply.content["evaluation"]["confusion"] = [10**12] * 9
+        return reply
+
+    rounds = _rounds(tmp_path, [honest, honest, honest, twin, nan_steps, inflated_evaluation])
+    rounds.pixels = 64 * 64
+    rounds.run(1)
+    rounds.recorder.flush()
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert not torch.equal(rounds.model.state()["conv.weight"], _global()["conv.weight"])
+    assert set(rounds.pending["sites"]) == {"site_2", "site_3", "site_6"}
+    assert sum("more than one reply under the name 'site_1'" in e["message"]
+               for e in events) == 2
+    assert any("site_5" in e["message"] and "not a count" in e["message"] for e in events)
+    assert any("site_6" in e["message"] and "pixels counted" in e["message"] for e in events)
+    assert "site_6" not in rounds.recorder.initial["sites"]
