@@ -106,7 +106,6 @@ class PrivacyConfig:
     # tiles), and fewer, larger steps spend the budget on less noise.
     batch_size: int = 32  # expected batch of Poisson sampling
     lr: float = 1e-2  # Adam
-    freeze_encoders: bool = False  # DP-SGD trains decoders, fusion and heads only
 
 
 @dataclass(frozen=True)

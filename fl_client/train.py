@@ -74,11 +74,6 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         generator, noise = dp_generators(seed if dp_seeded else None, device)
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator)
-    frozen = [p for name, p in model.named_parameters()
-              if cfg.dp.enabled and cfg.dp.freeze_encoders and ".encoder." in name
-              and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
@@ -111,8 +106,6 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         epsilon = ledger.epsilon(cfg.dp.delta)
         trained.del_grad_sample()  # leave the plain model behind, as it came in
         trained.remove_hooks()
-    for p in frozen:  # the site keeps its network for the next message
-        p.requires_grad_(True)
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
             "train_s": time.perf_counter() - start, "epsilon": epsilon,
             "site-weight": 1,  # for aggregations that count sites, not tiles
