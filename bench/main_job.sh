@@ -5,12 +5,13 @@
 #   python sim/run.py --clients 5 --rounds 14 --seed 0   (the README's "Reproduce" line: the same)
 #   python sim/run.py --compare --clients 5 --budget steps
 #   python sim/run.py --clients 5 --dp --epsilon 8
-#   python sim/run.py --clients 4 --rounds 6 --local-epochs 6 [--fault inflate:1|dropout:1]
+#   python sim/run.py --clients 4 --rounds 6 --local-epochs 6 [--fault inflate:1|dropout:1|
+#                     reverse:1 [--norm-clip 0]]
 # Prints the pooled Dice of each run (initial, final, best) and its seconds.
-#   bash bench/main_job.sh                 # everything (about 25 minutes on 2 cores)
+#   bash bench/main_job.sh                 # everything (about 20 minutes on 2 cores)
 #   RUNS="main compare" bash bench/main_job.sh
 set -euo pipefail
-RUNS=${RUNS:-"main reproduce compare dp nofault inflate dropout"}
+RUNS=${RUNS:-"main reproduce compare dp nofault inflate dropout reverse reverse-noclip"}
 WORK=${WORK:-$(mktemp -d)}
 export FLWR_TELEMETRY_ENABLED=0 EGCMF_CACHE="$WORK/cache"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -49,6 +50,9 @@ for run in $RUNS; do
     nofault) one nofault --clients 4 --rounds 6 --local-epochs 6 ;;
     inflate) one inflate --clients 4 --rounds 6 --local-epochs 6 --fault inflate:1 ;;
     dropout) one dropout --clients 4 --rounds 6 --local-epochs 6 --fault dropout:1 ;;
+    reverse) one reverse --clients 4 --rounds 6 --local-epochs 6 --fault reverse:1 ;;
+    reverse-noclip) one reverse-noclip --clients 4 --rounds 6 --local-epochs 6 \
+      --fault reverse:1 --norm-clip 0 ;;
     *) echo "unknown run $run" >&2; exit 2 ;;
   esac
 done

@@ -21,13 +21,13 @@ with torch.device('meta'):
     m = build_model(load_config('paper').model, ('a', 'b', 'c'))
 print(sum(v.numel() for v in m.state_dict().values() if v.is_floating_point()))")
 echo "{\"clients\": $CLIENTS, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
-# the sites' data is never read with train.skip: two small ROIs each are enough
-egcmf synth --out "$WORK/data" --sites "$CLIENTS" --rois-per-site 2 --size 64 2>/dev/null
+# the sites train on nothing with train.skip; four small ROIs each give every site a validation ROI
+egcmf synth --out "$WORK/data" --sites "$CLIENTS" --rois-per-site 4 --size 64 2>/dev/null
 python "$HERE/peak_rss.py" -- python "$BASELINE" --params "$PARAMS" --clients "$CLIENTS" \
   --rounds "$ROUNDS" > "$WORK/baseline.txt" 2> "$WORK/baseline.log"
 python "$HERE/peak_rss.py" -- python "$HERE/../sim/run.py" --preset paper --set train.skip=true \
   --clients "$CLIENTS" --rounds "$ROUNDS" --data "$WORK/data" --dataset synthetic \
-  --partition iid --out "$WORK/run" > "$WORK/ours.txt" 2> "$WORK/ours.log"
+  --partition institution --out "$WORK/run" > "$WORK/ours.txt" 2> "$WORK/ours.log"
 python - "$WORK" <<'PY'
 import json, re, sys
 from pathlib import Path
