@@ -22,7 +22,7 @@ with torch.device('meta'):
 print(sum(v.numel() for v in m.state_dict().values() if v.is_floating_point()))")
 echo "{\"clients\": $CLIENTS, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
 # the sites train on nothing with train.skip; four small ROIs each give every site a validation ROI
-egcmf synth --out "$WORK/data" --sites "$CLIENTS" --rois-per-site 4 --size 64 2>/dev/null
+egcmf synth --out "$WORK/data" --sites "$CLIENTS" --rois-per-site 4 --size 256 2>/dev/null
 python "$HERE/peak_rss.py" -- python "$BASELINE" --params "$PARAMS" --clients "$CLIENTS" \
   --rounds "$ROUNDS" > "$WORK/baseline.txt" 2> "$WORK/baseline.log"
 python "$HERE/peak_rss.py" -- python "$HERE/../sim/run.py" --preset paper --set train.skip=true \
