@@ -342,10 +342,9 @@ def _claimed_name(msg: Message) -> str | None:
 
 def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
              settings: FederationSettings) -> list[Message]:
-    """Successful replies from sites that are who they say, sorted by site name; failures and
-    impostors go to events.jsonl."""
+    """Successful replies from sites that are who they say, one per name, sorted by site name;
+    failures, impostors and names claimed twice go to events.jsonl."""
     identity, good = SiteIdentity(settings.node_sites()), []
-    names = [_claimed_name(m) for m in replies if not m.has_error()]
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
@@ -353,19 +352,19 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
                            f"{msg.error.reason}", round=rnd)
             continue
         problem = identity.check(node, _claimed_name(msg))
-        if problem is None and names.count(_claimed_name(msg)) > 1:
-            message = (f"round {rnd} {stage}: more than one reply under the name "
-                       f"{_claimed_name(msg)!r}; all of them are left out")
-            log.warning(message)
-            recorder.event("identity", message, round=rnd, node=node)
-            continue
         if problem is None:
             good.append(msg)
             continue
         log.warning("round %d %s: %s", rnd, stage, problem.message)
         recorder.event("identity", f"round {rnd} {stage}: {problem.message}", round=rnd,
                        node=node, registered=problem.registered, claimed=problem.claimed)
-    return sorted(good, key=site_of)
+    names = [site_of(m) for m in good]  # twice only where names are not registered
+    for msg in [m for m in good if names.count(site_of(m)) > 1]:
+        message = (f"round {rnd} {stage}: more than one reply under the name "
+                   f"{site_of(msg)!r}; all of them are left out")
+        log.warning(message)
+        recorder.event("identity", message, round=rnd, node=msg.metadata.src_node_id)
+    return sorted([m for m in good if names.count(site_of(m)) == 1], key=site_of)
 
 
 def _log_round(rnd: int, total: int, line: dict[str, Any]) -> None:
