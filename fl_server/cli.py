@@ -19,6 +19,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 from .settings import (
     ROUND_FLAGS,
+    RUN_FREE_FLAGS,
     add_settings_arguments,
     check_keep_checkpoints,
     settings_from_args,
@@ -131,8 +132,8 @@ def _start(args: argparse.Namespace) -> int:
                          "fl-server certs --out DIR, or pass --certs DIR")
     run_dir = args.run_dir or Path("runs") / time.strftime("federation-%Y%m%d-%H%M%S")
     config_file, settings = _run_folder(args, run_dir)
-    run_config = {**settings, "timeout": args.timeout, "wire": args.wire,
-                  "keep-checkpoints": args.keep_checkpoints, "run-dir": str(run_dir.resolve()),
+    run_config = {**settings, **settings_from_args(args, RUN_FREE_FLAGS),
+                  "timeout": args.timeout, "run-dir": str(run_dir.resolve()),
                   "resume": args.resume, "config-file": str(config_file.resolve())}
     opts = StartOptions(run_dir=run_dir, address=address, run_config=run_config,
                         certs=None if args.insecure else args.certs)

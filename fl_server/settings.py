@@ -147,7 +147,10 @@ def settings_from_args(args: argparse.Namespace, names: tuple[str, ...]) -> dict
 AGGREGATION_FLAGS = ("proximal_mu", "trim_fraction", "krum_f", "max_update_ratio",
                      "norm_floor", "norm_clip", "server_dp_noise", "server_dp_clip",
                      "server_dp_epsilon")
-SERVER_FLAGS = (*AGGREGATION_FLAGS, "wire", "keep_checkpoints")
+# Settings of how the centre runs, not of what the run is: a resume may change them, so they
+# travel to the ServerApp beside the run-defining settings, never in settings.json.
+RUN_FREE_FLAGS = ("wire", "keep_checkpoints")
+SERVER_FLAGS = (*AGGREGATION_FLAGS, *RUN_FREE_FLAGS)
 ROUND_FLAGS = ("num_rounds", "min_sites", "strategy", *SERVER_FLAGS)
 # What a resumed run keeps from its checkpoint: any change is refused, except num_rounds
 # growing, and sites where no server-side DP accountant counts them. The wire and the number of

@@ -21,6 +21,7 @@ from fl_server.runfolder import (
 from fl_server.settings import (
     AGGREGATION_FLAGS,
     ROUND_FLAGS,
+    RUN_FREE_FLAGS,
     check_keep_checkpoints,
     run_config_key,
     settings_from_args,
@@ -88,8 +89,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                       keep_checkpoints=args.keep_checkpoints,
                       server_options=(*((k, v) for k, v in settings.items()
                                         if k in aggregation),
-                                      ("wire", args.wire),
-                                      ("keep-checkpoints", args.keep_checkpoints)))
+                                      *settings_from_args(args, RUN_FREE_FLAGS).items()))
     return cfg, source, run
 
 
