@@ -179,11 +179,11 @@ def group_of(name: str) -> str:
 
 
 @cache
-def _statistics(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
-    """Float buffer -> ``(start, stop, tensor name)`` of each BatchNorm statistic in it."""
+def _variances(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
+    """Float buffer -> ``(start, stop, tensor name)`` of each BatchNorm running variance in it."""
     out: dict[str, list[tuple[int, int, str]]] = {}
     for slot in layout.slots:
-        if kind(slot.buffer) == FLOAT and group_of(slot.name) == "statistics":
+        if kind(slot.buffer) == FLOAT and slot.name.endswith(VARIANCE):
             out.setdefault(slot.buffer, []).append((slot.start, slot.stop, slot.name))
     return {k: tuple(v) for k, v in out.items()}
 
@@ -215,7 +215,7 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
         missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
         return (f"wrong arrays: {len(record)} sent, {len(expected)} expected (missing "
                 f"{missing[:3]}, unexpected {extra[:3]})"), {}, {}
-    statistics, groups = _statistics(model.layout), _groups(model.layout)
+    variances, groups = _variances(model.layout), _groups(model.layout)
     weights, squares = {}, dict.fromkeys(GROUPS, 0.0)
     for name, size in expected.items():
         try:
@@ -239,8 +239,8 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
             if not all_finite(site):
                 return f"array {name}: holds NaN or Inf", {}, {}
             return f"array {name}: values too large for a norm (an overflow)", {}, {}
-        for start, stop, tensor in statistics.get(name, ()):
-            if tensor.endswith(VARIANCE) and (site[start:stop] < 0).any():
+        for start, stop, tensor in variances.get(name, ()):
+            if (site[start:stop] < 0).any():
                 return (f"array {tensor}: a negative variance "
                         f"({float(site[start:stop].min()):.3g})"), {}, {}
         for g in GROUPS:
@@ -266,16 +266,13 @@ def bounded(weights: dict[str, np.ndarray], model: GlobalModel, norms: dict[str,
     scales = {g: min(1.0, bounds[g] / n) if n > 0 else 1.0 for g, n in norms.items()}
     if all(s >= 1.0 for s in scales.values()):
         return weights
-    statistics = _statistics(model.layout)
     out = dict(weights)
-    for name, values in weights.items():
-        if kind(name) != FLOAT:
-            continue
-        master = model.values[name]
-        scaled = master + (values - master) * np.float32(scales["weights"])
-        for start, stop, _ in statistics.get(name, ()):
+    for name, runs in _groups(model.layout).items():
+        master, values = model.values[name], weights[name]
+        scaled = np.empty_like(master)
+        for start, stop, group in runs:
             scaled[start:stop] = (master[start:stop] + (values[start:stop] - master[start:stop])
-                                  * np.float32(scales["statistics"]))
+                                  * np.float32(scales[group]))
         out[name] = scaled
     return out
 
