@@ -13,17 +13,8 @@
 #   ROUNDS=2 VARIANTS="float32 no-front" bash bench/federation_tls.sh 5
 set -euo pipefail
 SITES=${1:-2}; ROUNDS=${ROUNDS:-5}; VARIANTS=${VARIANTS:-"baseline float32 float16"}
-WORK=$(mktemp -d); export FLWR_TELEMETRY_ENABLED=0 EGCMF_CACHE="$WORK/cache"
 HERE=$(cd "$(dirname "$0")" && pwd)
-BASELINE=${BASELINE:-$HERE/../../shared/bench/flower_deploy_baseline.py}
-[ -f "$BASELINE" ] || BASELINE=/work/shared/bench/flower_deploy_baseline.py
-PARAMS=$(python -c "
-import torch
-from egcmf_model.config import load_config
-from egcmf_model.engine import build_model
-with torch.device('meta'):
-    m = build_model(load_config('paper').model, ('a', 'b', 'c'))
-print(sum(v.numel() for v in m.state_dict().values() if v.is_floating_point()))")
+source "$HERE/paper_common.sh" flower_deploy_baseline.py  # BASELINE, PARAMS, WORK
 names=$(seq -f "site%g" 1 "$SITES" | paste -sd, -)
 # 256 px ROIs: at 64 px the registration check at the site can misread the 1 µm jitter
 egcmf synth --out "$WORK/data" --sites "$SITES" --rois-per-site 2 --size 256 2>/dev/null

@@ -9,17 +9,8 @@
 #   CLIENTS=2 ROUNDS=2 bash bench/sim_paper.sh
 set -euo pipefail
 CLIENTS=${CLIENTS:-5}; ROUNDS=${ROUNDS:-3}
-WORK=$(mktemp -d); export FLWR_TELEMETRY_ENABLED=0 EGCMF_CACHE="$WORK/cache"
 HERE=$(cd "$(dirname "$0")" && pwd)
-BASELINE=${BASELINE:-$HERE/../../shared/bench/flower_baseline.py}
-[ -f "$BASELINE" ] || BASELINE=/work/shared/bench/flower_baseline.py
-PARAMS=$(python -c "
-import torch
-from egcmf_model.config import load_config
-from egcmf_model.engine import build_model
-with torch.device('meta'):
-    m = build_model(load_config('paper').model, ('a', 'b', 'c'))
-print(sum(v.numel() for v in m.state_dict().values() if v.is_floating_point()))")
+source "$HERE/paper_common.sh" flower_baseline.py  # BASELINE, PARAMS, WORK
 echo "{\"clients\": $CLIENTS, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
 # the sites train on nothing with train.skip; four small ROIs each give every site a validation ROI
 egcmf synth --out "$WORK/data" --sites "$CLIENTS" --rois-per-site 4 --size 256 2>/dev/null
