@@ -465,3 +465,12 @@ def test_confusion_counts_are_capped_by_the_examples_they_claim() -> None:
     assert "more than the 2 examples" in evaluation_problem(metrics, 4, 3, pixels=64 * 64)
     metrics["confusion"] = [2 * 64 * 64, 0, 0, 0, 0, 0, 0, 0, 0]
     assert evaluation_problem(metrics, 4, 3, pixels=64 * 64) is None
+
+
+def test_a_global_model_beyond_float16s_range_is_not_sent_as_inf() -> None:
+    """Rounded to float16, 7e4 would reach every site as inf; the centre says so instead."""
+    big = _state(0)
+    big["conv.weight"][0, 0, 0, 0] = 7e4
+    with pytest.raises(ValueError, match="float16 wire can carry"):
+        _global(big).wire("float16")
+    assert _global(big).wire("float32") is not None
