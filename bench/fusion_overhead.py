@@ -62,6 +62,20 @@ def train_step(model, optimizer, loss_of, amp: str, device: torch.device):
     return step
 
 
+def sdpa_math_calls(model, batch) -> int:
+    """How many SDPA calls of one forward took the math path (0 when the fused kernels ran)."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                                 ) as prof:
+        forward(model, batch)
+    return sum(e.count for e in prof.key_averages()
+               if e.key == "aten::_scaled_dot_product_attention_math")
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return (round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+            else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -86,11 +100,12 @@ def main() -> None:
     t_full = timed(train_step(full, torch.optim.Adam(full.parameters()),
                               lambda m: loss_fn(forward(m, batch), batch)[0], args.amp, device),
                    args.steps, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = peak_gib(device)
+    math_calls = sdpa_math_calls(full, batch)
     del full
     alone = {"target": ("he", 3, "mask"), "detail": ("he", 3, "mask"),
              "ck56_semantic": ("ck56", 3, "mask"), "ck56_edge": ("edge", 2, None)}
-    times = {}
+    times, unet_peaks = {}, {}
     for name, (key, cin, target) in alone.items():
         unet = VGGUNet(cin, 3 if target else 1, cfg.width, cfg.decoder_width, cfg.norm)
         unet = unet.to(device, memory_format=layout).train()
@@ -101,8 +116,12 @@ def main() -> None:
                 return F.cross_entropy(logits, batch[target])
             return F.binary_cross_entropy_with_logits(logits[:, 0], batch["edge_target"])
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         times[name] = timed(train_step(unet, torch.optim.Adam(unet.parameters()), loss_of,
                                        args.amp, device), args.steps, device)
+        unet_peaks[name] = peak_gib(device)
+        del unet
     total = sum(times.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(json.dumps({"preset": args.preset, "size": cfg.in_size, "device": name, "batch": 2,
@@ -110,7 +129,8 @@ def main() -> None:
                       "full_step_s": round(t_full, 4), "unets_alone_s": {k: round(v, 4) for k, v
                                                                           in times.items()},
                       "sum_unets_s": round(total, 4), "overhead": round(t_full / total - 1, 3),
-                      "peak_gpu_gib": peak and round(peak, 2)}))
+                      "peak_gpu_gib": peak, "peak_gpu_gib_unets_alone": unet_peaks,
+                      "sdpa_math_calls": math_calls}))
 
 
 if __name__ == "__main__":

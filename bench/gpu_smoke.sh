@@ -6,10 +6,13 @@
 # Parts (PARTS, space-separated, default "fusion amp"):
 #   fusion   train step of `full` at 512 px (batch 2) against its four VGG-UNets, each option
 #            alone and both: plain, bf16 autocast, channels-last; peak GPU memory of the `full`
-#            step (Adam state included) is `peak_gib` (target <= 20 GiB, the paper's 24 GB card)
-#   amp      bf16 accuracy: the same training in float32 and bf16 on synthetic data, test Dice
-#            (accurate when within 0.005); bench/amp_accuracy.py
+#            step (Adam state included) is `peak_gpu_gib` (target <= 20 GiB, the paper's 24 GB card)
+#   amp      bf16 accuracy: the same training (30 epochs, seeds 0 and 1 side by side) in float32
+#            and bf16 on synthetic data, test Dice (accurate when within 0.005);
+#            bench/amp_accuracy.py
 #   profile  every variant's parameters, GFLOPs and inference time (Table VI)
+#   ablation Table V at model.width=0.5 (bench/ablation.py, 40 epochs, seeds 0 1 2): one process
+#            per variant, all at once; rows go to $OUT/ablation.jsonl as they finish
 #   train    one epoch of `egcmf train --preset paper` on 2048 px synthetic ROIs (slow to make)
 #   tests    the test suite's GPU tests (pytest -m gpu), where pytest is installed
 # Every part writes JSON lines to $OUT; the log of the commands goes to $OUT/log.txt.
@@ -27,8 +30,18 @@ for part in $PARTS; do
           2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/fusion.jsonl"
       done ;;
     amp)
-      python bench/amp_accuracy.py --epochs 15 --seeds 0 1 --out /tmp/amp_accuracy \
-        2>>"$OUT/log.txt" | tee "$OUT/amp.jsonl" ;;
+      for seed in 0 1; do  # one process per seed, at once
+        python bench/amp_accuracy.py --epochs 30 --seeds "$seed" --out "/tmp/amp_s$seed" \
+          2>>"$OUT/log.txt" >"$OUT/amp_s$seed.jsonl" &
+      done
+      wait; cat "$OUT"/amp_s*.jsonl ;;
+    ablation)
+      for v in unet mrcfm mrfm mrfm+edm full; do
+        python bench/ablation.py --epochs 40 --seeds 0 1 2 --width 0.5 --device cuda \
+          --variants "$v" --out /tmp/ablation-w05 >>"$OUT/log.txt" 2>&1 &
+      done
+      wait
+      cp /tmp/ablation-w05/ablation.jsonl "$OUT/" ;;
     profile)
       for v in unet mrcfm mrfm mrfm+edm full; do
         python -m egcmf_model.cli profile --preset paper --variant "$v" --runs 10 --json \
@@ -40,7 +53,7 @@ for part in $PARTS; do
       python -m egcmf_model.cli train --preset paper --data /tmp/synth2048 --epochs 1 \
         --out /tmp/run_paper 2>&1 | grep -vE "it/s\]|s/it\]" | tail -n 30 | tee "$OUT/train.txt" ;;
     tests)
-      python -m pytest -q -m gpu tests/test_training.py 2>&1 | tail -n 5 | tee "$OUT/tests.txt" ;;
-    *) echo "unknown part $part (fusion, amp, profile, train, tests)" >&2; exit 2 ;;
+      python -m pytest -q -m gpu tests/test_training.py tests/test_determinism.py 2>&1 | tail -n 5 | tee "$OUT/tests.txt" ;;
+    *) echo "unknown part $part (fusion, amp, ablation, profile, train, tests)" >&2; exit 2 ;;
   esac
 done
