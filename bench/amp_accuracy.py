@@ -7,6 +7,8 @@ For each seed, trains the ``full`` network on pooled synthetic data (5 sites x 1
 the best checkpoints on the held-out test ROIs: the float32-trained one evaluated in float32
 and under bf16 autocast (the same weights: what bf16 changes in inference), the bf16-trained
 one in float32 (what it changes in training, plus the drift of any two trainings on a GPU).
+``--control`` also trains float32 twice more with the same seed: how far two float32 trainings
+drift apart on this machine, against which the bf16 training's difference is read.
 Prints one JSON line per seed and a last line with the mean differences; the option counts as
 accurate when they are within 0.005.
 """
@@ -48,10 +50,17 @@ def test_dice(data: Path, checkpoint: Path, amp: str) -> float:
                           GpuSpeed(amp=amp))["dice"])
 
 
-def one_seed(data: Path, preset: str, seed: int, epochs: int, out: Path) -> dict:
+def one_seed(data: Path, preset: str, seed: int, epochs: int, out: Path, control: bool
+             ) -> dict:
     seconds = {amp: trained(data, preset, amp, seed, epochs, out / f"{amp}_s{seed}")
                for amp in ("none", "bf16")}
-    return {"seed": seed, "epochs": epochs, "train_s": seconds,
+    again = {}
+    if control:
+        for run in ("a", "b"):
+            trained(data, preset, "none", seed, epochs, out / f"none_s{seed}_{run}")
+        again = {"float32_again": [test_dice(data, out / f"none_s{seed}_{run}" / "best.pt",
+                                             "none") for run in ("a", "b")]}
+    return {"seed": seed, "epochs": epochs, "train_s": seconds, **again,
             "float32": test_dice(data, out / f"none_s{seed}" / "best.pt", "none"),
             "float32_evaluated_in_bf16": test_dice(data, out / f"none_s{seed}" / "best.pt",
                                                    "bf16"),
@@ -64,6 +73,8 @@ def main() -> None:
     p.add_argument("--preset", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--control", action="store_true",
+                   help="also train float32 twice more per seed (the drift of two trainings)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = args.out / "data"
@@ -71,7 +82,7 @@ def main() -> None:
         write_synthetic(data, 5, 10, 256, seed=0)
     rows = []
     for seed in args.seeds:
-        rows.append(one_seed(data, args.preset, seed, args.epochs, args.out))
+        rows.append(one_seed(data, args.preset, seed, args.epochs, args.out, args.control))
         print(json.dumps(rows[-1]), flush=True)
 
     def mean_difference(key: str) -> float:
