@@ -21,7 +21,9 @@ arrays, which the strategy reads as they are.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -271,8 +273,13 @@ def bounded(weights: dict[str, np.ndarray], model: GlobalModel, norms: dict[str,
         master, values = model.values[name], weights[name]
         scaled = np.empty_like(master)
         for start, stop, group in runs:
-            scaled[start:stop] = (master[start:stop] + (values[start:stop] - master[start:stop])
-                                  * np.float32(scales[group]))
+            part = scaled[start:stop]
+            if scales[group] >= 1.0:
+                part[:] = values[start:stop]
+                continue
+            np.subtract(values[start:stop], master[start:stop], out=part)  # no temporaries
+            part *= np.float32(scales[group])
+            part += master[start:stop]
         out[name] = scaled
     return out
 
@@ -295,27 +302,35 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
     """Training replies checked one by one, then the norm rule over the round, for each group
     of tensors; with ``rules.clip``, each group of each kept update is clipped to that multiple
     of the group's median norm (norm-bounded averaging). The kept replies' arrays are replaced
-    by their decoded float32 (and int64) buffers."""
-    kept, rejected, norms, sent = [], [], {}, {}
+    by their decoded float32 (and int64) buffers.
+
+    The replies are decoded (and clipped) side by side, one per core: the sites wait for the
+    next round meanwhile, and each reply's work reads only that reply and the centre's model."""
     names = [site_of(m) for m in replies]
-    for msg in replies:
-        site = site_of(msg)
-        if names.count(site) > 1:
-            rejected.append(Rejection(site, "more than one reply under this site's name"))
-            continue
+
+    def check(msg: Message) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
+        if names.count(site_of(msg)) > 1:
+            return "more than one reply under this site's name", {}, {}
         try:
             problem = (record_problem(msg.content, "train", num_classes)
-                       or examples_problem(msg.content[METRICS][EXAMPLES], caps.get(site)))
+                       or examples_problem(msg.content[METRICS][EXAMPLES],
+                                           caps.get(site_of(msg))))
             if problem is None:
-                problem, sent[site], norms[site] = decode_update(msg.content[ARRAYS], model,
-                                                                 wire)
+                return decode_update(msg.content[ARRAYS], model, wire)
         except Exception as exc:  # whatever a reply holds, it never stops the round
             problem = f"unreadable reply ({type(exc).__name__}: {exc})"
+        return problem, {}, {}
+
+    with ThreadPoolExecutor(max_workers=_workers(len(replies))) as pool:
+        results = list(pool.map(check, replies))  # in the replies' order
+    kept, rejected, norms, sent = [], [], {}, {}
+    for msg, (problem, weights, norm) in zip(replies, results, strict=True):
+        site = site_of(msg)
         if problem:
             rejected.append(Rejection(site, problem))
-            norms.pop(site, None)
         else:
             kept.append(msg)
+            sent[site], norms[site] = weights, norm
     over = norm_rule(norms, rules)
     rejected += [Rejection(site, reason) for site, reason in over.items()]
     final = [msg for msg in kept if site_of(msg) not in over]
@@ -323,12 +338,18 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
     bounds = ({g: rules.clip * max(float(np.median([n[g] for n in norms.values()])),
                                    rules.floor) for g in GROUPS}
               if rules.clip > 0 and norms else None)
+    if bounds is not None:
+        with ThreadPoolExecutor(max_workers=_workers(len(final))) as pool:
+            clipped = pool.map(lambda site: bounded(sent[site], model, norms[site], bounds),
+                               [site_of(msg) for msg in final])
+            sent.update(zip([site_of(msg) for msg in final], clipped, strict=True))
     for msg in final:
-        site = site_of(msg)
-        weights = sent[site] if bounds is None else bounded(sent[site], model, norms[site],
-                                                             bounds)
-        msg.content[ARRAYS] = decoded_record(weights)
+        msg.content[ARRAYS] = decoded_record(sent[site_of(msg)])
     return Checked(final, rejected, norms)
+
+
+def _workers(tasks: int) -> int:
+    return max(1, min(tasks, os.cpu_count() or 1))
 
 
 def norm_rule(norms: dict[str, dict[str, float]], rules: UpdateRules) -> dict[str, str]:
