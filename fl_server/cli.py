@@ -147,32 +147,22 @@ def _start(args: argparse.Namespace) -> int:
 def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
     """The run's configuration and settings, written to ``run_dir``: a new run into an empty
     folder, a resumed one as its checkpoint says (flags given again must agree)."""
-    from egcmf_model.config import apply_overrides, load_config, to_yaml
+    from egcmf_model.config import load_config, to_yaml
 
     from .certs import site_caps
-    from .runfolder import (
-        check_new,
-        merge_settings,
-        reference,
-        refuse,
-        resume_config,
-        run_defining,
-        write_settings,
-    )
+    from .runfolder import check_new, refuse, resumed, run_defining, write_settings
     dp = ["dp.enabled=true", "model.norm=group", f"dp.planned_rounds={args.num_rounds}"]
     overrides = [*args.overrides, *(dp if args.dp else []),
                  *(["train.keep_norm_local=true"] if args.keep_norm_local else [])]
     sites = 0 if args.insecure else len(site_caps(args.certs))  # every key with its cap
     flags = {**settings_from_args(args, ROUND_FLAGS), "sites": sites}
     if args.resume:
-        ref = reference(run_dir)
-        fresh = "preset" in args.given or "config" in args.given
-        cfg, changes = resume_config(ref, lambda base: load_config(
-            args.preset, args.config, overrides) if fresh else apply_overrides(base, overrides))
         stated = {k: v for k, v in run_defining(flags).items()
                   if k == "sites" or k.replace("-", "_") in args.given}
-        settings, more = merge_settings(ref, stated)
-        refuse(run_dir, changes + more)
+        _, cfg, settings, changes = resumed(
+            run_dir, args.given, lambda: load_config(args.preset, args.config, overrides),
+            overrides, stated)
+        refuse(run_dir, changes)
     else:
         check_new(run_dir)
         cfg, settings = load_config(args.preset, args.config, overrides), run_defining(flags)

@@ -49,7 +49,7 @@ from .validation import (
     check_updates,
     evaluation_problem,
     failure_problem,
-    record_problem,
+    records_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class Rounds:
         replies = self._replies(messages, done, "evaluate")
         good, rejected = [], []
         for msg in replies:
-            problem = record_problem(msg.content, "evaluate", len(self.classes))
+            problem = records_problem(msg.content, "evaluate")  # the metrics: _evaluated
             if problem:
                 rejected.append(Rejection(site_of(msg), problem))
             else:

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from egcmf_model.packing import INT, Layout
+from egcmf_model.packing import FLOAT, INT, Layout, Slot, kind
 from fl_common.wire import model_record, tensor, view
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+VARIANCE = "running_var"  # BatchNorm's running variance: never negative in an honest model
+
+
+@cache
+def variance_slots(layout: Layout) -> tuple[Slot, ...]:
+    """Where the BatchNorm running variances of ``layout`` live (all in float buffers)."""
+    return tuple(s for s in layout.slots if kind(s.buffer) == FLOAT and s.name.endswith(VARIANCE))
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class GlobalModel:
         were. An average of valid updates has none; server-side DP noise can make some (raising
         them is post-processing, which spends no privacy). Left negative, they would make every
         evaluation NaN and every site's next update fail validation."""
-        variances = [s for s in self.layout.slots if s.name.endswith("running_var")]
+        variances = variance_slots(self.layout)
         count = sum(int((self.values[s.buffer][s.start:s.stop] < 0).sum()) for s in variances)
         if not count:
             return self, 0

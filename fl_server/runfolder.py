@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from egcmf_model.checkpoint import read_checkpoint
-from egcmf_model.config import Config, from_dict, load_config, to_dict
+from egcmf_model.config import Config, apply_overrides, from_dict, load_config, to_dict
 
 from .recorder import ROUND_FILE
 from .settings import RUN_DEFINING, run_config_defaults, run_config_key
@@ -130,11 +130,19 @@ def run_defining(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in keys}
 
 
-def resume_config(ref: Reference, requested: Callable[[Config], Config]
-                  ) -> tuple[Config, list[str]]:
-    """The reference configuration, and what ``requested(reference)`` (the flags stated,
-    applied to it) would change in it, the DP plan aside."""
-    return ref.config, config_changes(ref.config, requested(ref.config))
+def resumed(run_dir: Path, given: set[str], fresh: Callable[[], Config], overrides: list[str],
+            stated: dict[str, Any]) -> tuple[Reference, Config, dict[str, Any], list[str]]:
+    """A resumed run: its newest checkpoint's reference, configuration and settings, and
+    every change that the command line asks for (which resuming refuses).
+
+    ``given``: the options the command line states; ``fresh()``: the configuration they
+    build from scratch, compared instead of ``overrides`` applied to the reference's when
+    they name a preset or a config file; ``stated``: the run-defining settings stated."""
+    ref = reference(run_dir)
+    requested = fresh() if "preset" in given or "config" in given else apply_overrides(
+        ref.config, overrides)
+    settings, changes = merge_settings(ref, stated)
+    return ref, ref.config, settings, config_changes(ref.config, requested) + changes
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

@@ -46,9 +46,8 @@ from fl_common.replies import (
 )
 from fl_common.wire import all_finite, decoded_record, squared_distance, view
 
-from .global_model import GlobalModel
+from .global_model import VARIANCE, GlobalModel, variance_slots
 
-VARIANCE = "running_var"  # BatchNorm's running variance: never negative in an honest model
 STATISTICS = ("running_mean", VARIANCE)  # BatchNorm's statistics, judged apart from weights
 GROUPS = ("weights", "statistics")
 COUNTS = frozenset({"steps"})  # metrics that are whole numbers (num-examples: its own check)
@@ -73,16 +72,21 @@ class UpdateRules:
 def record_problem(content: RecordDict, stage: str, num_classes: int) -> str | None:
     """The reply's records and metrics against the schema of a ``stage`` (train or evaluate)
     reply; None if they match."""
-    train = stage == "train"
+    return (records_problem(content, stage)
+            or metrics_problem(content[METRICS], TRAIN_METRICS if stage == "train"
+                               else EVALUATE_METRICS, num_classes))
+
+
+def records_problem(content: RecordDict, stage: str) -> str | None:
+    """The reply's records (kinds and names) and the site's name record, its metrics left
+    to :func:`metrics_problem` or :func:`evaluation_problem`."""
     kinds = _kinds(content)
     expected = {ARRAYS: "arrays", METRICS: "metrics", SITE: "config"}
-    expected = {k: v for k, v in expected.items() if k in (TRAIN_RECORDS if train
+    expected = {k: v for k, v in expected.items() if k in (TRAIN_RECORDS if stage == "train"
                                                            else EVALUATE_RECORDS)}
     if kinds != expected:
         return f"records {_listed(kinds)}, expected {_listed(expected)}"
-    return (_site_problem(content)
-            or metrics_problem(content[METRICS], TRAIN_METRICS if train else EVALUATE_METRICS,
-                               num_classes))
+    return _site_problem(content)
 
 
 def failure_problem(content: RecordDict) -> str | None:
@@ -184,9 +188,8 @@ def group_of(name: str) -> str:
 def _variances(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
     """Float buffer -> ``(start, stop, tensor name)`` of each BatchNorm running variance in it."""
     out: dict[str, list[tuple[int, int, str]]] = {}
-    for slot in layout.slots:
-        if kind(slot.buffer) == FLOAT and slot.name.endswith(VARIANCE):
-            out.setdefault(slot.buffer, []).append((slot.start, slot.stop, slot.name))
+    for slot in variance_slots(layout):
+        out.setdefault(slot.buffer, []).append((slot.start, slot.stop, slot.name))
     return {k: tuple(v) for k, v in out.items()}
 
 

@@ -9,15 +9,7 @@ from typing import Any
 
 from egcmf_model.config import Config, apply_overrides, load_config
 from egcmf_model.data.source import DataSource, open_source
-from fl_server.runfolder import (
-    check_new,
-    merge_settings,
-    reference,
-    refuse,
-    resume_config,
-    run_defining,
-    write_settings,
-)
+from fl_server.runfolder import check_new, refuse, resumed, run_defining, write_settings
 from fl_server.settings import (
     AGGREGATION_FLAGS,
     ROUND_FLAGS,
@@ -99,13 +91,9 @@ def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, A
         raise ValueError("--resume continues a federated run; the baselines start afresh")
     stated = getattr(args, "given", None)
     stated = set(vars(args)) if stated is None else stated
-    ref = reference(args.out)
-    fresh = "preset" in stated or "config" in stated
-    cfg, changes = resume_config(ref, lambda base: _fresh_config(args, stated) if fresh
-                                 else apply_overrides(base, _overrides(args, stated)))
-    settings, more = merge_settings(ref, {k: v for k, v in run_defining(flags).items()
-                                          if k.replace("-", "_") in stated})
-    changes += more
+    ref, cfg, settings, changes = resumed(
+        args.out, stated, lambda: _fresh_config(args, stated), _overrides(args, stated),
+        {k: v for k, v in run_defining(flags).items() if k.replace("-", "_") in stated})
     kept = {key: ref.extra.get(key, value) for key, value in extra.items()}
     changes += [f"{key}: {kept[key]!r} -> {value!r}" for key, value in extra.items()
                 if key in stated and value != kept[key]]
