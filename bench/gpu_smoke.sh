@@ -41,7 +41,9 @@ for part in $PARTS; do
         python bench/ablation.py --epochs 40 --seeds 0 1 2 --width 0.5 --device cuda \
           --variants "$v" --out /tmp/ablation-w05 >>"$OUT/log.txt" 2>&1 &
       done
-      wait
+      while [ -n "$(jobs -r)" ]; do  # rows reach $OUT as they finish, also if time runs out
+        sleep 10; cp /tmp/ablation-w05/ablation.jsonl "$OUT/" 2>/dev/null
+      done
       cp /tmp/ablation-w05/ablation.jsonl "$OUT/" ;;
     profile)
       for v in unet mrcfm mrfm mrfm+edm full; do

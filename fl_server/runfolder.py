@@ -110,18 +110,21 @@ def merge_settings(ref: Reference, given: dict[str, Any]) -> tuple[dict[str, Any
             merged[key] = value  # hospitals may join; only server-side DP counts them
         else:
             changes.append(f"{key}: {old!r} -> {value!r}")
-    if int(merged["num-rounds"]) <= ref.done and not changes:
-        raise RunFolderError(f"nothing to resume: the run is complete (round {ref.done} of "
-                             f"{merged['num-rounds']}); pass a larger --rounds to continue it")
     return merged, changes
 
 
-def refuse(run_dir: Path, changes: list[str]) -> None:
+def refuse(run_dir: Path, changes: list[str], ref: Reference, settings: dict[str, Any]
+           ) -> None:
+    """Stop a resume that would change the run (every change named), or that has nothing
+    left to do."""
     if changes:
         raise RunFolderError(
             f"--resume keeps the configuration of the run in {run_dir} (only --rounds may "
             f"grow); this command changes: {'; '.join(changes)}. Drop those flags to resume "
             "it as it was, or start a new run in another folder")
+    if int(settings["num-rounds"]) <= ref.done:
+        raise RunFolderError(f"nothing to resume: the run is complete (round {ref.done} of "
+                             f"{settings['num-rounds']}); pass a larger --rounds to continue it")
 
 
 def run_defining(values: dict[str, Any]) -> dict[str, Any]:

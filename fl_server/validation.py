@@ -352,7 +352,9 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
 
 
 def _workers(tasks: int) -> int:
-    return max(1, min(tasks, os.cpu_count() or 1))
+    """Threads for ``tasks`` replies: at most one per core this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(tasks, cores or 1))
 
 
 def norm_rule(norms: dict[str, dict[str, float]], rules: UpdateRules) -> dict[str, str]:

@@ -97,7 +97,7 @@ def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, A
     kept = {key: ref.extra.get(key, value) for key, value in extra.items()}
     changes += [f"{key}: {kept[key]!r} -> {value!r}" for key, value in extra.items()
                 if key in stated and value != kept[key]]
-    refuse(args.out, changes)
+    refuse(args.out, changes, ref, settings)
     return cfg, settings, kept
 
 

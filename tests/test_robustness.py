@@ -273,6 +273,50 @@ def test_norm_bounded_averaging_clips_each_update_to_the_median() -> None:
                                _near(base, 1, 0.01)["conv.weight"])  # below the median: as sent
 
 
+def test_a_group_within_its_bound_arrives_exactly_as_sent() -> None:
+    """Norm-bounded averaging scales only the group that is over its bound: when a site's
+    statistics are clipped, its weights (in the same buffer) reach the strategy bit for bit."""
+    base = _state(0)
+
+    def moved(stats: float) -> OrderedDict:
+        out = OrderedDict(base)  # the same weights at every site, far from the centre's
+        out["conv.weight"] = base["conv.weight"] * 1e-3
+        out["bn.running_mean"] = out["bn.running_mean"] + stats
+        return out
+
+    replies = [_reply(s, moved(stats)) for s, stats in [("a", 0.1), ("b", 0.2), ("c", 3.0)]]
+    checked = _check(replies, base, UpdateRules(100.0, floor=0.0, clip=1.0))
+    kept = {_site(m): _unpacked(m) for m in checked.kept}
+    assert kept["c"]["bn.running_mean"].norm() < 0.5  # c's statistics: clipped to the median
+    for site in "abc":  # master + (w - master) * 1.0 would round some of them
+        assert torch.equal(kept[site]["conv.weight"], moved(0.0)["conv.weight"])
+
+
+def test_replies_checked_side_by_side_give_what_one_by_one_gives(monkeypatch) -> None:
+    """Replies are decoded and clipped on several threads; the kept and rejected lists, their
+    order, the norms and every decoded value are those of a check on one thread."""
+    import fl_server.validation as validation
+
+    base = _state(0)
+
+    def replies() -> list[Message]:
+        bad = _reply("bad", _near(base, 9))
+        bad.content["arrays"][F0] = Array(np.zeros(3, dtype=np.float32))
+        return [_reply(s, _near(base, i, 0.01 * i)) for i, s in enumerate("abcde", start=1)
+                ] + [bad, _reply("far", _near(base, 7, 5.0))]
+
+    def summary(workers: int):
+        monkeypatch.setattr(validation, "_workers", lambda tasks: workers)
+        checked = _check(replies(), base, UpdateRules(10.0, floor=0.0, clip=1.0))
+        return ([_site(m) for m in checked.kept], [(r.site, r.reason) for r in checked.rejected],
+                checked.norms, [_unpacked(m) for m in checked.kept])
+
+    one, many = summary(1), summary(4)
+    assert one[:3] == many[:3]
+    assert [site for site, _ in one[1]] == ["bad", "far"]
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(one[3], many[3], strict=True) for k in x)
+
+
 def test_each_reply_is_decoded_once_and_the_strategy_reads_it_as_decoded() -> None:
     """Validation decodes a reply's buffers (float32: without a copy) and hands them to the
     strategy, which averages them without decoding the reply again."""

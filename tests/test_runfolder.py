@@ -165,3 +165,16 @@ def test_sim_refuses_a_strategy_too_few_sites_can_serve(tmp_path: Path, synth_ro
     assert _sim(synth_root, tmp_path / "run", *flags) == 2
     assert needs in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_complete_run_with_another_setting_names_the_change(tmp_path: Path) -> None:
+    """A finished run asked to resume with a changed flag is refused for that change, named;
+    asked as it was, it is refused as complete, with what to do instead."""
+    from fl_server.runfolder import Reference, RunFolderError, refuse
+
+    done = Reference(load_config(), {"num-rounds": 2}, {}, done=2)
+    with pytest.raises(RunFolderError, match=r"this command changes: clients: 2 -> 3"):
+        refuse(tmp_path, ["clients: 2 -> 3"], done, {"num-rounds": 2})
+    with pytest.raises(RunFolderError, match=r"the run is complete .*larger --rounds"):
+        refuse(tmp_path, [], done, {"num-rounds": 2})
+    refuse(tmp_path, [], done, {"num-rounds": 3})  # more rounds: resumed
