@@ -159,10 +159,11 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
     if args.resume:
         stated = {k: v for k, v in run_defining(flags).items()
                   if k == "sites" or k.replace("-", "_") in args.given}
-        ref, cfg, settings, changes = resumed(
+        ref, settings, changes = resumed(
             run_dir, args.given, lambda: load_config(args.preset, args.config, overrides),
             overrides, stated)
         refuse(run_dir, changes, ref, settings)
+        cfg = ref.config
     else:
         check_new(run_dir)
         cfg, settings = load_config(args.preset, args.config, overrides), run_defining(flags)

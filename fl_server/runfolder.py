@@ -134,9 +134,9 @@ def run_defining(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def resumed(run_dir: Path, given: set[str], fresh: Callable[[], Config], overrides: list[str],
-            stated: dict[str, Any]) -> tuple[Reference, Config, dict[str, Any], list[str]]:
-    """A resumed run: its newest checkpoint's reference, configuration and settings, and
-    every change that the command line asks for (which resuming refuses).
+            stated: dict[str, Any]) -> tuple[Reference, dict[str, Any], list[str]]:
+    """A resumed run: its newest checkpoint's reference (which holds its configuration), its
+    settings, and every change that the command line asks for (which resuming refuses).
 
     ``given``: the options the command line states; ``fresh()``: the configuration they
     build from scratch, compared instead of ``overrides`` applied to the reference's when
@@ -145,7 +145,7 @@ def resumed(run_dir: Path, given: set[str], fresh: Callable[[], Config], overrid
     requested = fresh() if "preset" in given or "config" in given else apply_overrides(
         ref.config, overrides)
     settings, changes = merge_settings(ref, stated)
-    return ref, ref.config, settings, config_changes(ref.config, requested) + changes
+    return ref, settings, config_changes(ref.config, requested) + changes
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

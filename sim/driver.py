@@ -91,14 +91,14 @@ def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, A
         raise ValueError("--resume continues a federated run; the baselines start afresh")
     stated = getattr(args, "given", None)
     stated = set(vars(args)) if stated is None else stated
-    ref, cfg, settings, changes = resumed(
+    ref, settings, changes = resumed(
         args.out, stated, lambda: _fresh_config(args, stated), _overrides(args, stated),
         {k: v for k, v in run_defining(flags).items() if k.replace("-", "_") in stated})
     kept = {key: ref.extra.get(key, value) for key, value in extra.items()}
     changes += [f"{key}: {kept[key]!r} -> {value!r}" for key, value in extra.items()
                 if key in stated and value != kept[key]]
     refuse(args.out, changes, ref, settings)
-    return cfg, settings, kept
+    return ref.config, settings, kept
 
 
 def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]:
