@@ -126,19 +126,13 @@ def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_S
         for tensor in model.state_dict().values():
             if not tensor.is_floating_point():
                 continue
-            step = _cyclic(noise, offset % NOISE_PERIOD, tensor.numel())
-            tensor.add_(step.view(tensor.shape).to(tensor.device, tensor.dtype))
+            flat, done = tensor.view(-1), 0
+            while done < flat.numel():  # the noise read cyclically, in place, without copies
+                start = (offset + done) % NOISE_PERIOD
+                take = min(flat.numel() - done, NOISE_PERIOD - start)
+                flat[done:done + take].add_(noise[start:start + take].to(flat.device, flat.dtype))
+                done += take
             offset += tensor.numel()
-
-
-def _cyclic(values: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """``n`` values of ``values`` read cyclically from ``start`` (a view where they fit)."""
-    parts, left = [], n
-    while left:
-        take = min(left, len(values) - start)
-        parts.append(values[start:start + take])
-        left, start = left - take, 0
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def training_loss(cfg: Config) -> EGCMFLoss:

@@ -31,7 +31,7 @@ from . import WIRE_DTYPES
 
 __all__ = ["WIRE_DTYPES", "Decoded", "decoded_record", "model_record", "received",
            "reply_record", "view"]
-CHUNK = 1 << 22  # elements per step when a norm or a check runs over a buffer
+CHUNK = 1 << 20  # elements per step when a norm or a check runs over a buffer
 
 
 def model_record(buffers: Mapping[str, torch.Tensor | np.ndarray], dtype: str = "float32"
@@ -41,7 +41,7 @@ def model_record(buffers: Mapping[str, torch.Tensor | np.ndarray], dtype: str = 
     for name, buf in buffers.items():
         values = buf.detach().cpu().numpy() if torch.is_tensor(buf) else np.asarray(buf)
         if kind(name) == FLOAT and values.dtype != np.dtype(dtype):
-            values = values.astype(dtype)
+            values = tensor(values).to(getattr(torch, dtype)).numpy()
         record[name] = to_array(values)
     return record
 
@@ -71,8 +71,8 @@ def received(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
 
 def as_float32(buffers: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Writable float32 tensors of ``buffers`` (the same memory where they already are)."""
-    return {k: torch.from_numpy(v.astype(np.float32, copy=False)) if kind(k) == FLOAT
-            else torch.from_numpy(v) for k, v in buffers.items()}
+    return {k: torch.from_numpy(v if v.dtype == np.float32 else to_float32(v))
+            if kind(k) == FLOAT else torch.from_numpy(v) for k, v in buffers.items()}
 
 
 def reply_record(state: Mapping[str, torch.Tensor], layout: Layout,
@@ -140,16 +140,26 @@ def decoded_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def squared_distance(a: np.ndarray, b: np.ndarray | None = None) -> float:
-    """``||a - b||²`` (``||a||²`` without ``b``) in float64, a chunk at a time: no float64
-    copy of the model, no full-size temporary, and no float32 overflow or rounding (finite
-    float32 values above 1.8e19 would square to inf)."""
-    total = 0.0
+    """``||a - b||²`` (``||a||²`` without ``b``) in float64, a chunk at a time through one
+    reused float64 buffer: no float64 copy of the model, no full-size temporary, and no float32
+    overflow or rounding (finite float32 values above 1.8e19 would square to inf)."""
+    total, chunk = 0.0, np.empty(min(CHUNK, a.size), np.float64)
     for start in range(0, a.size, CHUNK):
-        d = a[start:start + CHUNK].astype(np.float64)
-        if b is not None:
-            d -= b[start:start + CHUNK]
+        stop = min(start + CHUNK, a.size)
+        d = chunk[:stop - start]
+        if b is None:
+            np.copyto(d, a[start:stop])
+        else:
+            np.subtract(a[start:stop], b[start:stop], out=d, dtype=np.float64)
         total += float(np.dot(d, d))
     return total
+
+
+def to_float32(values: np.ndarray) -> np.ndarray:
+    """A new float32 copy of ``values`` (float16 converts with the CPU's vector instructions,
+    twice as fast as numpy's conversion)."""
+    return tensor(values).float().numpy() if values.dtype == np.float16 else \
+        values.astype(np.float32)
 
 
 def all_finite(a: np.ndarray) -> bool:

@@ -88,9 +88,17 @@ class GlobalModel:
 
     @cached_property
     def _float16(self) -> ArrayRecord:
-        largest = max((float(np.abs(view(a)).max()) for a in self.floats.values()), default=0.0)
+        largest = max((_largest(view(a)) for a in self.floats.values()), default=0.0)
         if not largest <= FLOAT16_MAX:
             raise ValueError(f"the global model holds a value of {largest:.3g}, beyond what the "
                              "float16 wire can carry (65504): resume with --wire float32")
         return model_record(self.values, "float16")
 
+
+
+def _largest(values: np.ndarray) -> float:
+    """The largest magnitude in ``values``, without a copy of them."""
+    if not values.size:
+        return 0.0
+    low, high = torch.aminmax(tensor(values))
+    return max(-float(low), float(high))

@@ -10,12 +10,13 @@ Each rule is a small function over one part of a reply:
   knows of that site (its cap);
 - :func:`decode_update`: the packed buffers' names, sizes and dtypes, finite values, BatchNorm
   running variances that are not negative, and the update's norm per group of tensors;
-- :func:`norm_limit` and :func:`bounded`: the norm rule over a round's updates, and the
+- :func:`norm_limit` and :func:`site_weights`: the norm rule over a round's updates, and the
   norm-bounded averaging that clips each update to a multiple of the median norm.
 
-Each reply is decoded once, here: its buffers are read without a copy (float32) or added to the
-centre's float32 model (float16 updates), checked, and handed on to the strategy as decoded
-arrays, which the strategy reads as they are.
+Each reply is decoded once, here: its buffers are checked where they lie, without a copy; then
+a float16 update is scaled (when clipped) and added to the centre's float32 model, a float32
+buffer is used as it came (or clipped into one new buffer), and the result is handed on to the
+strategy as decoded arrays, which the strategy reads as they are.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from fl_common.replies import (
     TRAIN_METRICS,
     TRAIN_RECORDS,
 )
-from fl_common.wire import all_finite, decoded_record, squared_distance, view
+from fl_common.wire import all_finite, decoded_record, squared_distance, to_float32, view
 
 from .global_model import VARIANCE, GlobalModel, variance_slots
 
@@ -211,17 +212,19 @@ def _groups(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
 
 def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
                   ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
-    """``(problem, weights, norms)`` of a reply's arrays: its buffers' names, sizes and dtypes
-    must be the layout's (float ones in the ``wire`` dtype), its values finite, its BatchNorm
-    variances not negative. ``weights`` are the site's float32 (and int64) buffers, ``norms``
-    ``||w_site - w_global||`` of each group (the problem says why there are none)."""
+    """``(problem, sent, norms)`` of a reply's arrays: its buffers' names, sizes and dtypes
+    must be the layout's (float ones in the ``wire`` dtype), its values finite, the BatchNorm
+    variances they give not negative. ``sent`` are the buffers as they came, without a copy
+    (read them with :func:`site_weights`), ``norms`` the norm of each group of the update
+    (``w_site - w_global``; in float16 the update as sent). The problem says why there are
+    none."""
     expected = dict(model.layout.sizes)
     if set(record) != set(expected):
         missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
         return (f"wrong arrays: {len(record)} sent, {len(expected)} expected (missing "
                 f"{missing[:3]}, unexpected {extra[:3]})"), {}, {}
     variances, groups = _variances(model.layout), _groups(model.layout)
-    weights, squares = {}, dict.fromkeys(GROUPS, 0.0)
+    sent, squares = {}, dict.fromkeys(GROUPS, 0.0)
     for name, size in expected.items():
         try:
             values = view(record[name])
@@ -231,30 +234,29 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
         if values.shape != (size,) or values.dtype != np.dtype(dtype):
             return (f"array {name}: shape {values.shape} {values.dtype}, expected ({size},) "
                     f"{dtype}"), {}, {}
+        sent[name] = values
         if kind(name) != FLOAT:
-            weights[name] = values
             continue
         master = model.values[name]
-        site = values if wire == "float32" else np.add(  # float16: the site's update, added
-            values.astype(np.float32), master)           # to the centre's float32 weights
         parts = dict.fromkeys(GROUPS, 0.0)
         for start, stop, group in groups.get(name, ()):
-            parts[group] += squared_distance(site[start:stop], master[start:stop])
+            parts[group] += (squared_distance(values[start:stop]) if wire == "float16"
+                             else squared_distance(values[start:stop], master[start:stop]))
         if not all(math.isfinite(p) for p in parts.values()):
-            if not all_finite(site):
+            if not all_finite(values):
                 return f"array {name}: holds NaN or Inf", {}, {}
             return f"array {name}: values too large for a norm (an overflow)", {}, {}
         for start, stop, tensor in variances.get(name, ()):
-            if (site[start:stop] < 0).any():
-                return (f"array {tensor}: a negative variance "
-                        f"({float(site[start:stop].min()):.3g})"), {}, {}
+            site = (values[start:stop] if wire == "float32"
+                    else master[start:stop] + to_float32(values[start:stop]))
+            if (site < 0).any():
+                return f"array {tensor}: a negative variance ({float(site.min()):.3g})", {}, {}
         for g in GROUPS:
             squares[g] += parts[g]
-        weights[name] = site
     norms = {g: s**0.5 for g, s in squares.items()}
     if not all(math.isfinite(n) for n in norms.values()):
         return "the update's norm is not finite (values too large)", {}, {}
-    return None, weights, norms
+    return None, sent, norms
 
 
 def norm_limit(norms: list[float], rules: UpdateRules) -> float:
@@ -264,26 +266,33 @@ def norm_limit(norms: list[float], rules: UpdateRules) -> float:
     return rules.max_ratio * max(float(np.median(norms)), rules.floor) if norms else math.inf
 
 
-def bounded(weights: dict[str, np.ndarray], model: GlobalModel, norms: dict[str, float],
-            bounds: dict[str, float]) -> dict[str, np.ndarray]:
-    """Each group of the update scaled to its bound when it is longer:
-    ``w_g + (w - w_g) * bound/norm``; the integer buffer (counters) as sent."""
-    scales = {g: min(1.0, bounds[g] / n) if n > 0 else 1.0 for g, n in norms.items()}
-    if all(s >= 1.0 for s in scales.values()):
-        return weights
-    out = dict(weights)
+def site_weights(sent: dict[str, np.ndarray], model: GlobalModel, wire: str,
+                 scales: dict[str, float]) -> dict[str, np.ndarray]:
+    """The site's float32 weights from the buffers it ``sent``, each group's update scaled by
+    ``scales[group]`` (at most 1; norm-bounded averaging): ``w_g + (w - w_g) * scale``, or
+    ``w_g + u * scale`` for a float16 update ``u``; one new buffer each, none where a float32
+    buffer arrives unscaled (its values are used as they came, bit for bit). The integer buffer
+    (counters) as sent."""
+    out = dict(sent)
     for name, runs in _groups(model.layout).items():
-        master, values = model.values[name], weights[name]
-        scaled = np.empty_like(master)
+        master, values = model.values[name], sent[name]
+        if wire == "float32" and all(scales[group] >= 1.0 for _, _, group in runs):
+            continue
+        site = to_float32(values) if wire == "float16" else np.empty_like(master)
         for start, stop, group in runs:
-            part = scaled[start:stop]
-            if scales[group] >= 1.0:
+            part, scale = site[start:stop], np.float32(min(1.0, scales[group]))
+            if wire == "float16":
+                if scale < 1:
+                    part *= scale
+            elif scale >= 1:
                 part[:] = values[start:stop]
-                continue
-            np.subtract(values[start:stop], master[start:stop], out=part)  # no temporaries
-            part *= np.float32(scales[group])
-            part += master[start:stop]
-        out[name] = scaled
+            else:
+                np.subtract(values[start:stop], master[start:stop], out=part)  # no temporaries
+                part *= scale
+                part += master[start:stop]
+        if wire == "float16":
+            site += master
+        out[name] = site
     return out
 
 
@@ -340,14 +349,15 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
     norms = {site: n for site, n in norms.items() if site not in over}
     bounds = ({g: rules.clip * max(float(np.median([n[g] for n in norms.values()])),
                                    rules.floor) for g in GROUPS}
-              if rules.clip > 0 and norms else None)
-    if bounds is not None:
-        with ThreadPoolExecutor(max_workers=_workers(len(final))) as pool:
-            clipped = pool.map(lambda site: bounded(sent[site], model, norms[site], bounds),
-                               [site_of(msg) for msg in final])
-            sent.update(zip([site_of(msg) for msg in final], clipped, strict=True))
-    for msg in final:
-        msg.content[ARRAYS] = decoded_record(sent[site_of(msg)])
+              if rules.clip > 0 and norms else {})
+    scales = {site: {g: min(1.0, bounds[g] / n[g]) if bounds and n[g] > 0 else 1.0
+                     for g in GROUPS} for site, n in norms.items()}
+    with ThreadPoolExecutor(max_workers=_workers(len(final))) as pool:
+        weights = list(pool.map(
+            lambda site: site_weights(sent[site], model, wire, scales[site]),
+            [site_of(msg) for msg in final]))
+    for msg, values in zip(final, weights, strict=True):
+        msg.content[ARRAYS] = decoded_record(values)
     return Checked(final, rejected, norms)
 
 

@@ -356,6 +356,33 @@ def test_float16_updates_are_added_to_the_centres_float32_model() -> None:
     assert "float32, expected" in refused.rejected[0].reason
 
 
+def test_float16_updates_are_measured_and_clipped_as_sent() -> None:
+    """Under the float16 wire an update's norm is that of the float16 update the site sent,
+    and norm-bounded averaging scales that update before adding it to the centre's float32
+    model: an update within its bound is added bit for bit, a longer one is scaled to the
+    median norm."""
+    base = _state(0)
+    replies = [_reply(s, _near(base, i, step), "float16")
+               for i, (s, step) in enumerate([("a", 0.01), ("b", 0.02), ("c", 0.08)], start=1)]
+    updates = {_site(m): LAYOUT.unpack({k: torch.from_numpy(a.numpy().astype(
+                   np.float32 if k == F0 else np.int64)) for k, a in m.content["arrays"].items()})
+               for m in replies}  # as sent, before the check decodes them
+    checked = _check(replies, base, UpdateRules(10.0, floor=0.0, clip=1.0), wire="float16")
+    assert not checked.rejected
+    norms = {s: n["weights"] for s, n in checked.norms.items()}
+    for site, update in updates.items():
+        assert norms[site] == pytest.approx(update["conv.weight"].double().norm().item(),
+                                            rel=1e-12)
+    median = sorted(norms.values())[1]
+    kept = {_site(m): _unpacked(m) for m in checked.kept}
+    assert torch.equal(kept["a"]["conv.weight"],
+                       base["conv.weight"] + updates["a"]["conv.weight"])
+    step = kept["c"]["conv.weight"] - base["conv.weight"]
+    torch.testing.assert_close(step, updates["c"]["conv.weight"] * (median / norms["c"]),
+                               rtol=1e-5, atol=1e-7)
+    assert step.double().norm().item() == pytest.approx(median, rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["nan", "shape", "scale"])
 def test_each_corrupting_fault_is_rejected(kind: str) -> None:
     record = model_record(LAYOUT.pack(inject_fault(kind, _near(_state(0), 3))))
