@@ -143,15 +143,15 @@ def squared_distance(a: np.ndarray, b: np.ndarray | None = None) -> float:
     """``||a - b||²`` (``||a||²`` without ``b``) in float64, a chunk at a time through one
     reused float64 buffer: no float64 copy of the model, no full-size temporary, and no float32
     overflow or rounding (finite float32 values above 1.8e19 would square to inf)."""
-    total, chunk = 0.0, np.empty(min(CHUNK, a.size), np.float64)
-    for start in range(0, a.size, CHUNK):
-        stop = min(start + CHUNK, a.size)
+    x, y = tensor(a), None if b is None else tensor(b)
+    total, chunk = 0.0, torch.empty(min(CHUNK, x.numel()), dtype=torch.float64)
+    for start in range(0, x.numel(), CHUNK):
+        stop = min(start + CHUNK, x.numel())
         d = chunk[:stop - start]
-        if b is None:
-            np.copyto(d, a[start:stop])
-        else:
-            np.subtract(a[start:stop], b[start:stop], out=d, dtype=np.float64)
-        total += float(np.dot(d, d))
+        d.copy_(x[start:stop])
+        if y is not None:
+            d.sub_(y[start:stop])
+        total += float(torch.dot(d, d))
     return total
 
 
