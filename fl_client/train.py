@@ -126,12 +126,16 @@ def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_S
         for tensor in model.state_dict().values():
             if not tensor.is_floating_point():
                 continue
-            flat, done = tensor.view(-1), 0
-            while done < flat.numel():  # the noise read cyclically, in place, without copies
+            # the noise read cyclically, in place (channels-last tensors: through a copy)
+            target = tensor if tensor.is_contiguous() else tensor.contiguous()
+            flat, done = target.view(-1), 0
+            while done < flat.numel():
                 start = (offset + done) % NOISE_PERIOD
                 take = min(flat.numel() - done, NOISE_PERIOD - start)
                 flat[done:done + take].add_(noise[start:start + take].to(flat.device, flat.dtype))
                 done += take
+            if target is not tensor:
+                tensor.copy_(target)
             offset += tensor.numel()
 
 

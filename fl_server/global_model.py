@@ -95,7 +95,6 @@ class GlobalModel:
         return model_record(self.values, "float16")
 
 
-
 def _largest(values: np.ndarray) -> float:
     """The largest magnitude in ``values``, without a copy of them."""
     if not values.size:

@@ -9,7 +9,8 @@ Each rule is a small function over one part of a reply:
 - :func:`examples_problem`: ``num-examples`` a positive integer no larger than what the centre
   knows of that site (its cap);
 - :func:`decode_update`: the packed buffers' names, sizes and dtypes, finite values, BatchNorm
-  running variances that are not negative, and the update's norm per group of tensors;
+  running variances that are not negative, weights within the float16 wire's range (float16),
+  and the update's norm per group of tensors;
 - :func:`norm_limit` and :func:`site_weights`: the norm rule over a round's updates, and the
   norm-bounded averaging that clips each update to a multiple of the median norm.
 
@@ -45,9 +46,16 @@ from fl_common.replies import (
     TRAIN_METRICS,
     TRAIN_RECORDS,
 )
-from fl_common.wire import all_finite, decoded_record, squared_distance, to_float32, view
+from fl_common.wire import (
+    all_finite,
+    decoded_record,
+    largest_sum,
+    squared_distance,
+    to_float32,
+    view,
+)
 
-from .global_model import VARIANCE, GlobalModel, variance_slots
+from .global_model import FLOAT16_MAX, VARIANCE, GlobalModel, variance_slots
 
 STATISTICS = ("running_mean", VARIANCE)  # BatchNorm's statistics, judged apart from weights
 GROUPS = ("weights", "statistics")
@@ -214,10 +222,11 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
                   ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
     """``(problem, sent, norms)`` of a reply's arrays: its buffers' names, sizes and dtypes
     must be the layout's (float ones in the ``wire`` dtype), its values finite, the BatchNorm
-    variances they give not negative. ``sent`` are the buffers as they came, without a copy
-    (read them with :func:`site_weights`), ``norms`` the norm of each group of the update
-    (``w_site - w_global``; in float16 the update as sent). The problem says why there are
-    none."""
+    variances they give not negative, and (float16) the weights they give within what the
+    float16 wire carries, so that no site can push the next global model out of its range.
+    ``sent`` are the buffers as they came, without a copy (read them with
+    :func:`site_weights`), ``norms`` the norm of each group of the update (``w_site -
+    w_global``; in float16 the update as sent). The problem says why there are none."""
     expected = dict(model.layout.sizes)
     if set(record) != set(expected):
         missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
@@ -246,6 +255,10 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
             if not all_finite(values):
                 return f"array {name}: holds NaN or Inf", {}, {}
             return f"array {name}: values too large for a norm (an overflow)", {}, {}
+        if wire == "float16" and not largest_sum(values, master) <= FLOAT16_MAX:
+            return (f"array {name}: the update takes a weight beyond what the float16 wire "
+                    f"carries (65504); a federation that needs such weights runs with "
+                    f"--wire float32"), {}, {}
         for start, stop, tensor in variances.get(name, ()):
             site = (values[start:stop] if wire == "float32"
                     else master[start:stop] + to_float32(values[start:stop]))

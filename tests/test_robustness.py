@@ -383,6 +383,22 @@ def test_float16_updates_are_measured_and_clipped_as_sent() -> None:
     assert step.double().norm().item() == pytest.approx(median, rel=1e-5)
 
 
+def test_a_float16_update_that_would_leave_float16s_range_is_rejected() -> None:
+    """Under the float16 wire a site cannot push a weight beyond 65504 (the next global model
+    could then not be sent): such an update, finite in float16 itself, is rejected with its
+    reason and the round goes on with the others."""
+    centre = _state(0)
+    centre["conv.weight"][0, 0, 0, 0] = 60000.0  # within float16's range
+    pushed = _state(0)
+    pushed["conv.weight"][0, 0, 0, 0] += 6000.0  # an update of 6000: 66000 at the centre
+    replies = [_reply("a", _near(_state(0), 1), "float16"),
+               _reply("b", _near(_state(0), 2), "float16"), _reply("bad", pushed, "float16")]
+    checked = _check(replies, centre, wire="float16")
+    assert [_site(m) for m in checked.kept] == ["a", "b"]
+    assert [r.site for r in checked.rejected] == ["bad"]
+    assert "beyond what the float16 wire carries" in checked.rejected[0].reason
+
+
 @pytest.mark.parametrize("kind", ["nan", "shape", "scale"])
 def test_each_corrupting_fault_is_rejected(kind: str) -> None:
     record = model_record(LAYOUT.pack(inject_fault(kind, _near(_state(0), 3))))

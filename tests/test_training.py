@@ -301,3 +301,26 @@ def test_bf16_autocast_and_channels_last_train_on_a_gpu(synth_root: Path) -> Non
     assert abs(fast["loss"] - plain["loss"]) < 0.05 * abs(plain["loss"])
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_benchmark_stand_in_moves_every_weight_alike_in_any_memory_layout() -> None:
+    """``train.skip``'s stand-in for training moves every float weight by its share of one
+    cyclic noise sequence, in place: a channels-last copy of the network moves exactly as the
+    contiguous one, and the noise wraps around its period across tensors."""
+    from fl_client.train import NOISE_PERIOD, stand_in_update
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, cfg.data.classes)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    layout = build_model(cfg.model, cfg.data.classes).to(memory_format=torch.channels_last)
+    layout.load_state_dict(before)
+    assert any(not v.is_contiguous() for v in layout.state_dict().values())
+    stand_in_update(plain, seed=7)
+    stand_in_update(layout, seed=7)
+    floats = [k for k, v in before.items() if v.is_floating_point()]
+    moved = torch.cat([(plain.state_dict()[k] - before[k]).reshape(-1) for k in floats])
+    assert moved.numel() > NOISE_PERIOD  # the sequence wraps around
+    torch.testing.assert_close(moved[NOISE_PERIOD:], moved[:moved.numel() - NOISE_PERIOD],
+                               rtol=0, atol=1e-7)  # the same noise again, to float32 rounding
+    assert all(torch.equal(plain.state_dict()[k], layout.state_dict()[k]) for k in before)
