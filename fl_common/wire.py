@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,31 +144,33 @@ def squared_distance(a: np.ndarray, b: np.ndarray | None = None) -> float:
     """``||a - b||²`` (``||a||²`` without ``b``) in float64, a chunk at a time through one
     reused float64 buffer: no float64 copy of the model, no full-size temporary, and no float32
     overflow or rounding (finite float32 values above 1.8e19 would square to inf)."""
-    x, y = tensor(a), None if b is None else tensor(b)
-    total, chunk = 0.0, torch.empty(min(CHUNK, x.numel()), dtype=torch.float64)
-    for start in range(0, x.numel(), CHUNK):
-        stop = min(start + CHUNK, x.numel())
-        d = chunk[:stop - start]
-        d.copy_(x[start:stop])
-        if y is not None:
-            d.sub_(y[start:stop])
-        total += float(torch.dot(d, d))
-    return total
+    return sum((float(torch.dot(d, d)) for d in _chunks(a, b, torch.float64, torch.Tensor.sub_)),
+               0.0)
 
 
 def largest_sum(a: np.ndarray, b: np.ndarray) -> float:
     """``max |a + b|`` in float32 (``a`` float16 or float32), a chunk at a time through one
     reused buffer: no model-sized temporary."""
-    x, y = tensor(a), tensor(b)
-    largest, chunk = 0.0, torch.empty(min(CHUNK, x.numel()), dtype=torch.float32)
-    for start in range(0, x.numel(), CHUNK):
-        stop = min(start + CHUNK, x.numel())
-        s = chunk[:stop - start]
-        s.copy_(x[start:stop])
-        s.add_(y[start:stop])
+    largest = 0.0
+    for s in _chunks(a, b, torch.float32, torch.Tensor.add_):
         low, high = torch.aminmax(s)
         largest = max(largest, -float(low), float(high))
     return largest
+
+
+def _chunks(a: np.ndarray, b: np.ndarray | None, dtype: torch.dtype,
+            combine: Callable[[torch.Tensor, torch.Tensor], Any]) -> Iterator[torch.Tensor]:
+    """``a`` a chunk at a time in ``dtype``, each combined in place with the same chunk of
+    ``b`` (when given), all through one reused buffer (each chunk is valid until the next)."""
+    x, y = tensor(a), None if b is None else tensor(b)
+    buffer = torch.empty(min(CHUNK, x.numel()), dtype=dtype)
+    for start in range(0, x.numel(), CHUNK):
+        stop = min(start + CHUNK, x.numel())
+        chunk = buffer[:stop - start]
+        chunk.copy_(x[start:stop])
+        if y is not None:
+            combine(chunk, y[start:stop])
+        yield chunk
 
 
 def to_float32(values: np.ndarray) -> np.ndarray:
