@@ -46,7 +46,9 @@ class ModelConfig:
     cam_stride: int = field(default=4, metadata=_choice(8, 4, 2))
     window_frac: float = 0.25  # key-region window side / H (128 px at H=512)
     stride_frac: float = 0.0625  # window search stride / H (H/16)
-    weights: str = ""  # optional local VGG16-BN state_dict to initialise every encoder
+    # optional local file to initialise every encoder: a VGG16-BN state dict, or a checkpoint
+    # of this network (each encoder from its counterpart, e.g. one trained on public data)
+    weights: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,13 @@ class PrivacyConfig:
     # tiles), and fewer, larger steps spend the budget on less noise.
     batch_size: int = 32  # expected batch of Poisson sampling
     lr: float = 1e-2  # Adam
+    # What DP-SGD leaves as it is: "encoders" when they come from public data (model.weights),
+    # so the noise falls on fewer weights; "none" trains everything.
+    frozen: str = field(default="none", metadata=_choice("none", "encoders"))
+    # A simulation on the built-in synthetic set takes its encoders from a network trained
+    # without DP on a public synthetic set (the sites' generator seed + 777, no site's tile)
+    # for this many epochs (0: no public network; the encoders start random)
+    public_epochs: int = 30
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,40 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
 
 
 def build_model(cfg: ModelConfig, classes: Sequence[str]) -> EGCMF:
-    """The network for ``classes``; loads a local VGG16-BN state dict into every encoder if set."""
+    """The network for ``classes``, its encoders from ``cfg.weights`` if set (see
+    :func:`load_encoders`)."""
     model = EGCMF(cfg, len(classes), tumour_ids(tuple(classes)) or [len(classes) - 1])
     if cfg.weights:
-        for module in model.modules():
-            if hasattr(module, "load_vgg_weights"):
-                module.load_vgg_weights(cfg.weights)
+        load_encoders(model, cfg.weights)
     return model
+
+
+def encoders(model: nn.Module) -> dict[str, nn.Module]:
+    """The network's VGG encoders by module name (four in the full network)."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "load_vgg_weights")}
+
+
+def load_encoders(model: nn.Module, path: str) -> None:
+    """Every encoder of ``model`` from the local file ``path``: a torchvision VGG16-BN state
+    dict (the same weights in each encoder), or a checkpoint of this network (each encoder
+    its own counterpart's weights, e.g. from a network trained on public data)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a missing or damaged file
+        raise ValueError(f"model.weights {path}: not a readable weights file ({exc})") from exc
+    if not (isinstance(payload, dict) and isinstance(payload.get("model"), dict)):
+        for module in encoders(model).values():
+            module.load_vgg_weights(path)
+        return
+    state = payload["model"]
+    for name, module in encoders(model).items():
+        own = {k.removeprefix(f"{name}."): v for k, v in state.items()
+               if k.startswith(f"{name}.")}
+        try:
+            module.load_state_dict(own)
+        except RuntimeError as exc:
+            raise ValueError(f"model.weights {path}: its encoder {name} does not fit this "
+                             f"network (another preset, width or variant?): {exc}") from exc
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

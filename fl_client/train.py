@@ -17,7 +17,14 @@ import torch
 
 from egcmf_model.config import Config
 from egcmf_model.data.source import RoiRecord
-from egcmf_model.engine import GpuSpeed, evaluate, lr_schedule, seed_everything, train_epoch
+from egcmf_model.engine import (
+    GpuSpeed,
+    encoders,
+    evaluate,
+    lr_schedule,
+    seed_everything,
+    train_epoch,
+)
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
@@ -74,8 +81,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         generator, noise = dp_generators(seed if dp_seeded else None, device)
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
-                                 weight_decay=cfg.train.weight_decay)
+    trainable = set_trainable(model, cfg.dp.frozen if cfg.dp.enabled else "none")
+    optimizer = torch.optim.Adam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
         add_proximal_term(optimizer, proximal_mu)
     loss_fn = training_loss(cfg)
@@ -104,12 +111,24 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     if engine is not None:
         ledger.save(engine.accountant.history)
         epsilon = ledger.epsilon(cfg.dp.delta)
-        trained.del_grad_sample()  # leave the plain model behind, as it came in
+        for param in trainable:  # leave the plain model behind, as it came in
+            if hasattr(param, "grad_sample"):
+                del param.grad_sample
         trained.remove_hooks()
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
             "train_s": time.perf_counter() - start, "epsilon": epsilon,
             "site-weight": 1,  # for aggregations that count sites, not tiles
             "steps": done}
+
+
+def set_trainable(model: torch.nn.Module, frozen: str) -> list[torch.nn.Parameter]:
+    """The parameters to train: all, or with ``frozen="encoders"`` all but the encoders'
+    (which then keep the weights they came with)."""
+    fixed = ({id(p) for m in encoders(model).values() for p in m.parameters()}
+             if frozen == "encoders" else set())
+    for param in model.parameters():
+        param.requires_grad_(id(param) not in fixed)
+    return [p for p in model.parameters() if id(p) not in fixed]
 
 
 def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE) -> None:

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
-                   help="DP-SGD at every site: GroupNorm network, noise planned for --rounds")
+                   help="DP-SGD at every site: GroupNorm network, noise planned for --rounds. "
+                        "Small sites learn little under DP from random weights: start the "
+                        "encoders from public weights and keep them as they are with "
+                        "--set model.weights=PATH --set dp.frozen=encoders")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no site authentication, no app signature (loopback only)")
     p.set_defaults(func=_start)

@@ -8,6 +8,7 @@ per-site metrics keyed by site name, a checkpoint per round and resume after a c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -87,7 +88,9 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                                  settings.trim_fraction, settings.krum_f)
     if problem:
         raise ValueError(problem)
-    network = build_model(cfg.model, classes)  # the initial model, from the run's seed
+    # the initial model, from the run's seed (a resumed run's comes from its checkpoint)
+    network = build_model(dataclasses.replace(cfg.model, weights="") if settings.resume
+                          else cfg.model, classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes, settings.keep_checkpoints)
     recorder.settings = saved_settings(settings)
     start, payload = _resume(recorder, network, settings, cfg) if settings.resume else (0, None)

@@ -21,6 +21,7 @@ from fl_server.settings import (
 from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
+from .public import with_public_encoders
 
 log = logging.getLogger("sim")
 
@@ -65,6 +66,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     else:
         check_new(args.out)
         cfg, settings = _fresh_config(args, None), run_defining(flags)
+        if args.mode == "federated" and not args.compare:
+            cfg = with_public_encoders(cfg)
     problem = protection_problem(settings["strategy"], extra["clients"],
                                  settings["trim-fraction"], settings["krum-f"])
     if problem:

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
-                   help="DP-SGD at every site (Opacus; GroupNorm network); see --epsilon")
+                   help="DP-SGD at every site (Opacus; GroupNorm network); see --epsilon. "
+                        "On the built-in synthetic set the encoders come from a network "
+                        "trained without DP on public synthetic data (once, then cached; "
+                        "--set dp.public_epochs=0: none) and DP-SGD leaves them as they are")
     p.add_argument("--epsilon", type=float, help="each site's privacy budget (default 8)")
     p.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
     p.add_argument("--fault", metavar="KIND:COUNT",

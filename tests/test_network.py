@@ -414,3 +414,38 @@ def test_torchvision_vgg16_bn_weights_load_into_every_encoder(tmp_path, caplog) 
     assert torch.equal(rgb_conv.weight, state["features.0.weight"])
     grey = torch.full((1, 3, 8, 8), 0.7)
     assert torch.allclose(edge_conv(grey[:, :2]), rgb_conv(grey), atol=1e-5)
+
+
+def test_a_checkpoint_of_this_network_gives_each_encoder_its_own_weights(tmp_path) -> None:
+    """`model.weights` may be a checkpoint of this network (one trained on public data): each
+    encoder takes its counterpart's weights, the rest keeps its own initialisation; a
+    checkpoint of another network is refused with the encoder that does not fit."""
+    from egcmf_model.checkpoint import save_checkpoint
+    from egcmf_model.engine import build_model, encoders
+
+    classes = ("background", "in_situ", "invasive")
+    cfg = load_config("tiny", overrides=["model.norm=group"])
+    torch.manual_seed(1)
+    public = build_model(cfg.model, classes)
+    save_checkpoint(tmp_path / "public.pt", public, cfg, classes)
+    torch.manual_seed(2)
+    model = build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "public.pt")),
+                        classes)
+    assert len(encoders(model)) == 4
+    state, own = public.state_dict(), model.state_dict()
+    in_encoders = {f"{name}.{key}" for name, m in encoders(model).items()
+                   for key in m.state_dict()}
+    for key, value in own.items():
+        if key in in_encoders:
+            assert torch.equal(value, state[key]), key
+        elif value.dim() > 1:  # randomly initialised: convolutions and linear layers
+            assert not torch.equal(value, state[key]), key
+    unet = load_config("tiny", overrides=["model.norm=group", "model.variant=unet",
+                                          "model.width=0.25"])
+    save_checkpoint(tmp_path / "other.pt", build_model(unet.model, classes), unet, classes)
+    with pytest.raises(ValueError, match=r"other\.pt: its encoder he_branch\.target\.encoder "
+                                         r"does not fit"):
+        build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "other.pt")), classes)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"model\.weights .*broken\.pt: not a readable"):
+        build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "broken.pt")), classes)

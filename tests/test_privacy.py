@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
@@ -264,3 +265,73 @@ def test_server_side_dp_noise_is_replayable_only_in_simulation() -> None:
 
     assert not np.array_equal(noise(False), noise(False))
     assert np.array_equal(noise(True), noise(True))
+
+
+def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: Path) -> None:
+    """``dp.frozen=encoders``: DP-SGD's noisy steps move every weight but the encoders', and
+    leave the plain network behind; the next training without DP trains everything again."""
+    from egcmf_model.engine import encoders
+
+    cfg, source, model = _setup(synth_root, "model.variant=full", "dp.frozen=encoders")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fixed = {f"{name}.{key}" for name, m in encoders(model).items()
+             for key in m.state_dict()}
+    assert len(encoders(model)) == 4
+    assert fixed
+    local_train(model, source.split("train"), source.classes, cfg, pick_device("cpu"), seed=1,
+                ledger=PrivacyLedger(tmp_path / "p.json"), site="a", dp_seeded=True)
+    for key, value in model.state_dict().items():
+        if key in fixed:
+            assert torch.equal(value, before[key]), key
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved
+    assert not set(moved) & fixed
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    plain = load_config("tiny", overrides=["model.variant=full", "model.norm=group",
+                                           "train.epochs=1"])
+    local_train(model, source.split("train"), source.classes, plain, pick_device("cpu"), seed=2)
+    assert all(p.requires_grad for p in model.parameters())
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in fixed)
+
+
+def test_a_dp_simulation_on_the_built_in_set_starts_from_public_encoders(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """DP-SGD on the built-in synthetic set: the encoders come from a network trained without
+    DP on another seed's synthetic set (no site's tile), trained once and then read from the
+    cache, and stay as they came; the run's numbers do not depend on whether it was cached."""
+    from egcmf_model.data.source import cache_dir
+
+    args = ["--clients", "2", "--rounds", "1", "--variant", "unet", "--dp", "--epsilon", "50",
+            "--local-epochs", "1", "--set", "dp.public_epochs=1",
+            "--set", "data.synth_sites=2", "--set", "data.synth_rois_per_site=3"]
+    out, again = tmp_path / "dp", tmp_path / "dp-again"
+    with caplog.at_level("INFO", logger="sim"):
+        assert sim_main([*args, "--out", str(out)]) == 0
+    assert "training the public network once" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sim"):
+        assert sim_main([*args, "--out", str(again)]) == 0
+    assert "training the public network" not in caplog.text
+    assert (out / "metrics.jsonl").read_text() == (again / "metrics.jsonl").read_text()
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    public = Path(config["model"]["weights"])
+    assert public.parent.parent == cache_dir()
+    assert config["dp"]["frozen"] == "encoders"
+    public_state = torch.load(public, weights_only=True)
+    assert public_state["config"]["data"]["synth_seed"] == config["data"]["synth_seed"] + 777
+    final = torch.load(out / "final.pt", weights_only=True)["model"]
+    encoder = [k for k in final if k.startswith("he_branch.target.encoder.")]
+    assert encoder
+    assert all(torch.equal(final[k], public_state["model"][k]) for k in encoder)
+    assert any(not torch.equal(final[k], public_state["model"][k]) for k in final
+               if not k.startswith("he_branch.target.encoder."))
+
+    def tiles(seed: int) -> set[bytes]:
+        root, = cache_dir().glob(f"synthetic_*_seed{seed}")
+        return {p.read_bytes() for p in root.rglob("he.png")}  # (a mask may be all stroma)
+    sites, public_tiles = tiles(config["data"]["synth_seed"]), tiles(
+        config["data"]["synth_seed"] + 777)
+    assert sites
+    assert public_tiles
+    assert not sites & public_tiles

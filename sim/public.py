@@ -1,0 +1,94 @@
+"""The public network a DP-SGD simulation on the built-in synthetic set takes its encoders from.
+
+DP-SGD's noise grows with the number of weights it trains, and eight tiles per site carry too
+little signal for 1.2 M noisy weights at epsilon 8 (bench/RESULTS.md). The usual remedy is
+to start from encoders trained on public data and leave them as they are under DP. With no
+public slides here, the public data is the synthetic generator under another seed: other
+hospitals, none of the sites' tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from egcmf_model.config import Config, PrivacyConfig, apply_overrides, to_yaml
+from egcmf_model.data.source import cache_dir
+from egcmf_model.data.synthetic import generator_version
+
+log = logging.getLogger("sim")
+PUBLIC_SEED_OFFSET = 777  # the public set's generator seed: the sites' seed + this
+
+
+def with_public_encoders(cfg: Config) -> Config:
+    """``cfg`` with its encoders from the public network and frozen under DP, where it applies:
+    DP-SGD on the built-in synthetic set, no ``model.weights`` given, ``dp.public_epochs`` > 0.
+    """
+    if not (cfg.dp.enabled and cfg.dp.public_epochs > 0 and not cfg.model.weights
+            and cfg.data.dataset == "synthetic" and not cfg.data.root):
+        return cfg
+    path = public_network(cfg)
+    return apply_overrides(cfg, [f"model.weights={path}", "dp.frozen=encoders"])
+
+
+def public_config(cfg: Config) -> Config:
+    """The public network's configuration: the run's network, trained without DP for
+    ``dp.public_epochs`` epochs on the synthetic set of seed ``synth_seed + 777``."""
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, weights=""),
+        data=dataclasses.replace(cfg.data, synth_seed=cfg.data.synth_seed + PUBLIC_SEED_OFFSET),
+        train=dataclasses.replace(cfg.train, epochs=cfg.dp.public_epochs),
+        dp=PrivacyConfig())
+
+
+def public_network(cfg: Config) -> Path:
+    """The public network's checkpoint (``best.pt``), trained once and kept in the data cache."""
+    public = public_config(cfg)
+    text = f"{generator_version()}\n{to_yaml(public)}"
+    target = cache_dir() / f"public_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if (target / "best.pt").exists():
+        log.info("DP-SGD: encoders from the public network in %s", target)
+        return target / "best.pt"
+    log.info("DP-SGD: training the public network once (%d epochs on the synthetic set of "
+             "seed %d, no site's data) into %s", public.train.epochs, public.data.synth_seed,
+             target)
+    from egcmf_model.trainer import fit
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with _random_state_kept():  # the run's own randomness must not depend on the cache
+            result = fit(public, tmp)
+        log.info("DP-SGD: public network trained (Dice %.3f on its own validation ROIs)",
+                 result["best_dice"])
+        (tmp / "last.pt").unlink()  # only best.pt is used
+        (tmp / "config.yaml").write_text(text)
+        tmp.rename(target)
+    except OSError:  # another run finished first: keep its copy
+        if not (target / "best.pt").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / "best.pt"
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
