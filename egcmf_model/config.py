@@ -126,6 +126,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def __post_init__(self) -> None:
+        if self.dp.frozen == "encoders" and not self.model.weights:
+            raise ConfigError("dp.frozen=encoders keeps the encoders as they start: give them "
+                              "with model.weights (a checkpoint of this network trained on "
+                              "public data with model.norm=group)")
+        if self.dp.public_epochs < 0:
+            raise ConfigError(f"dp.public_epochs must be 0 or more, not {self.dp.public_epochs}")
+
 
 def load_config(
     preset: str = "tiny",
@@ -150,19 +158,21 @@ def load_config(
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars), all at once (a
+    key given twice: the last wins), so that fields checked together may come in any order."""
+    nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        nested: dict[str, Any] = {}
         node = nested
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
         node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
-        cfg = merge(cfg, nested, "the command line")
-    return cfg
+    return merge(cfg, nested, "the command line") if nested else cfg
 
 
 def merge(obj: Any, updates: dict[str, Any], source: str, prefix: str = "") -> Any:

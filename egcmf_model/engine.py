@@ -21,6 +21,7 @@ from .data.transforms import tumour_ids
 from .losses import EGCMFLoss
 from .metrics import SegmentationMetrics
 from .network import EGCMF
+from .vgg_unet import VGGEncoder
 
 log = logging.getLogger(__name__)
 INPUTS = ("he", "he_40x", "ck56", "edge")
@@ -53,32 +54,44 @@ def build_model(cfg: ModelConfig, classes: Sequence[str]) -> EGCMF:
     return model
 
 
-def encoders(model: nn.Module) -> dict[str, nn.Module]:
+def encoders(model: nn.Module) -> dict[str, VGGEncoder]:
     """The network's VGG encoders by module name (four in the full network)."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "load_vgg_weights")}
+    return {name: m for name, m in model.named_modules() if isinstance(m, VGGEncoder)}
 
 
-def load_encoders(model: nn.Module, path: str) -> None:
+def load_encoders(model: EGCMF, path: str) -> None:
     """Every encoder of ``model`` from the local file ``path``: a torchvision VGG16-BN state
-    dict (the same weights in each encoder), or a checkpoint of this network (each encoder
-    its own counterpart's weights, e.g. from a network trained on public data)."""
+    dict (the same weights in each encoder), or a checkpoint or state dict of this network
+    (each encoder its own counterpart's weights, e.g. from a network trained on public data)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a missing or damaged file
         raise ValueError(f"model.weights {path}: not a readable weights file ({exc})") from exc
-    if not (isinstance(payload, dict) and isinstance(payload.get("model"), dict)):
-        for module in encoders(model).values():
-            module.load_vgg_weights(path)
+    found = encoders(model)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        state, theirs = payload["model"], (payload.get("config") or {}).get("model") or {}
+    elif isinstance(payload, dict) and any(str(k).startswith(f"{name}.") for name in found
+                                           for k in payload):
+        state, theirs = payload, {}
+    elif isinstance(payload, dict) and any(str(k).startswith("features.") for k in payload):
+        for module in found.values():
+            module.load_vgg_state(payload, path)
         return
-    state = payload["model"]
-    for name, module in encoders(model).items():
+    else:
+        raise ValueError(f"model.weights {path}: neither a VGG16-BN state dict (features.* "
+                         "keys) nor a checkpoint or state dict of this network")
+    differ = [f"model.{key}={theirs[key]} there, {getattr(model.cfg, key)} here"
+              for key in ("variant", "width", "norm") if theirs.get(key, getattr(
+                  model.cfg, key)) != getattr(model.cfg, key)]
+    for name, module in found.items():
         own = {k.removeprefix(f"{name}."): v for k, v in state.items()
                if k.startswith(f"{name}.")}
         try:
             module.load_state_dict(own)
         except RuntimeError as exc:
+            why = "; ".join(differ) or "another preset, width, variant or normalisation?"
             raise ValueError(f"model.weights {path}: its encoder {name} does not fit this "
-                             f"network (another preset, width or variant?): {exc}") from exc
+                             f"network ({why}): {exc}") from exc
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ class VGGEncoder(nn.Module):
     """VGG16-BN convolutions, laid out as ``torchvision.models.vgg16_bn().features``.
 
     The identical layer indices let a torchvision VGG16-BN state dict load by path
-    (:meth:`load_vgg_weights`). Returns the 5 stage outputs at strides 1, 2, 4, 8, 16.
+    (:meth:`load_vgg_state`). Returns the 5 stage outputs at strides 1, 2, 4, 8, 16.
     """
 
     def __init__(self, in_channels: int = 3, width: float = 1.0, norm: str = "batch") -> None:
@@ -52,9 +52,9 @@ class VGGEncoder(nn.Module):
             x = layer(x)
         return [*stages, x]
 
-    def load_vgg_weights(self, path: str | Path) -> None:
-        """Load a local torchvision VGG16-BN state dict (``features.*`` keys); adapts input conv."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load_vgg_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load a torchvision VGG16-BN state dict (``features.*`` keys) read from ``source``;
+        adapts the input convolution to this encoder's channels."""
         state = {k.removeprefix("features."): v for k, v in state.items()
                  if k.startswith("features.")}
         channels = self.features[0].weight.shape[1]
@@ -63,10 +63,19 @@ class VGGEncoder(nn.Module):
             # then gives the response the RGB filters give to grey.
             total = state["0.weight"].sum(dim=1, keepdim=True)
             state["0.weight"] = (total / channels).repeat(1, channels, 1, 1)
+        own = self.features.state_dict()
+        for key, value in state.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(f"model.weights {source}: features.{key} is "
+                                 f"{tuple(value.shape)} there and {tuple(own[key].shape)} in "
+                                 "this network: VGG16-BN's full widths need model.width=1.0")
         missing, unexpected = self.features.load_state_dict(state, strict=False)
+        if not set(state) - set(unexpected):
+            raise ValueError(f"model.weights {source}: no VGG16-BN weight fits this encoder")
         if unexpected or missing:
-            log.warning("VGG weights %s: %d missing, %d unexpected keys", path, len(missing),
-                        len(unexpected))
+            log.warning("VGG weights %s: %d missing, %d unexpected keys (BatchNorm statistics "
+                        "have no place in a GroupNorm network, whose encoders then differ "
+                        "from the pretrained ones)", source, len(missing), len(unexpected))
 
 
 class DecoderBlock(nn.Module):

@@ -28,7 +28,7 @@ from flwr.serverapp.exception import (
 from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import Config, load_config, to_yaml
-from egcmf_model.engine import build_model, seed_everything
+from egcmf_model.engine import build_model, load_encoders, seed_everything
 from egcmf_model.packing import INT, Layout
 from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
 
@@ -88,12 +88,14 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                                  settings.trim_fraction, settings.krum_f)
     if problem:
         raise ValueError(problem)
-    # the initial model, from the run's seed (a resumed run's comes from its checkpoint)
-    network = build_model(dataclasses.replace(cfg.model, weights="") if settings.resume
-                          else cfg.model, classes)
+    # the initial model, from the run's seed; a resumed run's comes from its checkpoint, so
+    # model.weights is read only for a run that has none yet
+    network = build_model(dataclasses.replace(cfg.model, weights=""), classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes, settings.keep_checkpoints)
     recorder.settings = saved_settings(settings)
     start, payload = _resume(recorder, network, settings, cfg) if settings.resume else (0, None)
+    if payload is None and cfg.model.weights:
+        load_encoders(network, cfg.model.weights)
     strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))

@@ -66,12 +66,12 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     else:
         check_new(args.out)
         cfg, settings = _fresh_config(args, None), run_defining(flags)
-        if args.mode == "federated" and not args.compare:
-            cfg = with_public_encoders(cfg)
     problem = protection_problem(settings["strategy"], extra["clients"],
                                  settings["trim-fraction"], settings["krum-f"])
     if problem:
         raise ValueError(f"{problem}. Use more --clients, or another strategy or setting")
+    if args.mode == "federated" and not args.compare and not args.resume:
+        cfg = with_public_encoders(cfg)  # once the command is known to be valid
     if args.mode == "federated" and not args.compare:
         write_settings(args.out, settings, extra)
     source = open_source(cfg.data, 4 * cfg.model.in_size)
@@ -95,7 +95,8 @@ def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, A
     stated = getattr(args, "given", None)
     stated = set(vars(args)) if stated is None else stated
     ref, settings, changes = resumed(
-        args.out, stated, lambda: _fresh_config(args, stated), _overrides(args, stated),
+        args.out, stated, lambda: with_public_encoders(_fresh_config(args, stated), train=False),
+        _overrides(args, stated),
         {k: v for k, v in run_defining(flags).items() if k.replace("-", "_") in stated})
     kept = {key: ref.extra.get(key, value) for key, value in extra.items()}
     changes += [f"{key}: {kept[key]!r} -> {value!r}" for key, value in extra.items()

@@ -22,41 +22,59 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egcmf_model.config import Config, PrivacyConfig, apply_overrides, to_yaml
+from egcmf_model.config import Config, DataConfig, PrivacyConfig, apply_overrides, to_yaml
 from egcmf_model.data.source import cache_dir
 from egcmf_model.data.synthetic import generator_version
 
 log = logging.getLogger("sim")
 PUBLIC_SEED_OFFSET = 777  # the public set's generator seed: the sites' seed + this
+PUBLIC_RECIPE = 1  # raise when the public network's training changes (renames its cache)
 
 
-def with_public_encoders(cfg: Config) -> Config:
+def with_public_encoders(cfg: Config, train: bool = True) -> Config:
     """``cfg`` with its encoders from the public network and frozen under DP, where it applies:
     DP-SGD on the built-in synthetic set, no ``model.weights`` given, ``dp.public_epochs`` > 0.
-    """
+    ``train=False``: where the network is or would be, without training it."""
     if not (cfg.dp.enabled and cfg.dp.public_epochs > 0 and not cfg.model.weights
             and cfg.data.dataset == "synthetic" and not cfg.data.root):
         return cfg
-    path = public_network(cfg)
+    path = public_network(cfg) if train else public_folder(public_config(cfg)) / "best.pt"
     return apply_overrides(cfg, [f"model.weights={path}", "dp.frozen=encoders"])
 
 
 def public_config(cfg: Config) -> Config:
     """The public network's configuration: the run's network, trained without DP for
     ``dp.public_epochs`` epochs on the synthetic set of seed ``synth_seed + 777``."""
+    pooled = DataConfig()  # the public network trains on its pooled set: no partition
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, weights=""),
-        data=dataclasses.replace(cfg.data, synth_seed=cfg.data.synth_seed + PUBLIC_SEED_OFFSET),
+        data=dataclasses.replace(cfg.data, synth_seed=cfg.data.synth_seed + PUBLIC_SEED_OFFSET,
+                                 partition=pooled.partition, alpha=pooled.alpha),
         train=dataclasses.replace(cfg.train, epochs=cfg.dp.public_epochs),
         dp=PrivacyConfig())
+
+
+def public_folder(public: Config) -> Path:
+    """Where the network of configuration ``public`` is kept: named by that configuration and
+    by the versions of the code that would train it differently (data generator, this
+    module's recipe, PyTorch), so a cached network is never stale."""
+    return cache_dir() / f"public_{hashlib.sha256(_identity(public).encode()).hexdigest()[:12]}"
+
+
+def _identity(public: Config) -> str:
+    return f"{_versions()}{to_yaml(public)}"
+
+
+def _versions() -> str:
+    return (f"generator {generator_version()}\nrecipe {PUBLIC_RECIPE}\n"
+            f"torch {torch.__version__}\n")
 
 
 def public_network(cfg: Config) -> Path:
     """The public network's checkpoint (``best.pt``), trained once and kept in the data cache."""
     public = public_config(cfg)
-    text = f"{generator_version()}\n{to_yaml(public)}"
-    target = cache_dir() / f"public_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    target = public_folder(public)
     if (target / "best.pt").exists():
         log.info("DP-SGD: encoders from the public network in %s", target)
         return target / "best.pt"
@@ -73,7 +91,8 @@ def public_network(cfg: Config) -> Path:
         log.info("DP-SGD: public network trained (Dice %.3f on its own validation ROIs)",
                  result["best_dice"])
         (tmp / "last.pt").unlink()  # only best.pt is used
-        (tmp / "config.yaml").write_text(text)
+        (tmp / "config.yaml").write_text(to_yaml(public))
+        (tmp / "versions.txt").write_text(_versions())
         tmp.rename(target)
     except OSError:  # another run finished first: keep its copy
         if not (target / "best.pt").exists():

@@ -446,6 +446,24 @@ def test_a_checkpoint_of_this_network_gives_each_encoder_its_own_weights(tmp_pat
     with pytest.raises(ValueError, match=r"other\.pt: its encoder he_branch\.target\.encoder "
                                          r"does not fit"):
         build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "other.pt")), classes)
+    torch.save(public.state_dict(), tmp_path / "bare.pt")  # a state dict of this network
+    bare = build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "bare.pt")), classes)
+    assert torch.equal(bare.he_branch.detail.encoder.features[0].weight,
+                       public.he_branch.detail.encoder.features[0].weight)
+    batch = load_config("tiny")  # the same network with BatchNorm
+    save_checkpoint(tmp_path / "batch.pt", build_model(batch.model, classes), batch, classes)
+    with pytest.raises(ValueError, match=r"does not fit this network \(model\.norm=batch "
+                                         r"there, group here\)"):
+        build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "batch.pt")), classes)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"tensor\.pt: neither a VGG16-BN state dict"):
+        build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "tensor.pt")), classes)
+    from torchvision.models import vgg16_bn
+
+    torch.save(vgg16_bn(weights=None).state_dict(), tmp_path / "vgg.pth")
+    with pytest.raises(ValueError, match=r"vgg\.pth: features\.0\.weight is \(64, 3, 3, 3\) "
+                                         r"there .* need model\.width=1\.0"):
+        build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "vgg.pth")), classes)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"model\.weights .*broken\.pt: not a readable"):
         build_model(dataclasses.replace(cfg.model, weights=str(tmp_path / "broken.pt")), classes)

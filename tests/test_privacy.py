@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,15 @@ def test_a_dp_simulation_on_the_built_in_set_starts_from_public_encoders(
     assert all(torch.equal(final[k], public_state["model"][k]) for k in encoder)
     assert any(not torch.equal(final[k], public_state["model"][k]) for k in final
                if not k.startswith("he_branch.target.encoder."))
+
+    # a run resumed before its first checkpoint starts from the same public encoders, and
+    # stating the preset again is no change
+    early = tmp_path / "early"
+    early.mkdir()
+    for name in ("config.yaml", "settings.json", "partitions.json"):
+        shutil.copy(out / name, early / name)
+    assert sim_main([*args, "--preset", "tiny", "--resume", "--out", str(early)]) == 0
+    assert (early / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
     def tiles(seed: int) -> set[bytes]:
         root, = cache_dir().glob(f"synthetic_*_seed{seed}")
