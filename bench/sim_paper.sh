@@ -5,10 +5,11 @@
 #   python sim/run.py --preset paper --set train.skip=true --clients N --rounds R
 # Prints one JSON line per run and the ratio of the seconds per round (ours: every round and
 # the final evaluation-only message, over R). By hand:
-#   bash bench/sim_paper.sh            # 5 clients, 3 rounds
+#   bash bench/sim_paper.sh            # 5 clients, 3 rounds, the default wire
 #   CLIENTS=2 ROUNDS=2 bash bench/sim_paper.sh
+#   WIRE=float32 bash bench/sim_paper.sh   # ours with --wire float32
 set -euo pipefail
-CLIENTS=${CLIENTS:-5}; ROUNDS=${ROUNDS:-3}
+CLIENTS=${CLIENTS:-5}; ROUNDS=${ROUNDS:-3}; WIRE=${WIRE:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/paper_common.sh" flower_baseline.py  # BASELINE, PARAMS, WORK
 echo "{\"clients\": $CLIENTS, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
@@ -18,7 +19,8 @@ python "$HERE/peak_rss.py" -- python "$BASELINE" --params "$PARAMS" --clients "$
   --rounds "$ROUNDS" > "$WORK/baseline.txt" 2> "$WORK/baseline.log"
 python "$HERE/peak_rss.py" -- python "$HERE/../sim/run.py" --preset paper --set train.skip=true \
   --clients "$CLIENTS" --rounds "$ROUNDS" --data "$WORK/data" --dataset synthetic \
-  --partition institution --out "$WORK/run" > "$WORK/ours.txt" 2> "$WORK/ours.log"
+  --partition institution ${WIRE:+--wire "$WIRE"} --out "$WORK/run" > "$WORK/ours.txt" \
+  2> "$WORK/ours.log"
 python - "$WORK" <<'PY'
 import json, re, sys
 from pathlib import Path
@@ -31,7 +33,7 @@ seconds = [v["round"] for v in summary["round_seconds"].values()]
 ours = (sum(seconds) + summary["final_evaluation_seconds"]) / len(seconds)
 ours_rss = json.loads((work / "ours.txt").read_text().strip().splitlines()[-1])["peak_rss_gib"]
 print(json.dumps({"run": "baseline", "seconds_per_round": base, "peak_rss_gib": base_rss}))
-print(json.dumps({"run": "ours", "round_seconds": seconds,
+print(json.dumps({"run": "ours", "wire": summary["wire"], "round_seconds": seconds,
                   "final_evaluation_seconds": summary["final_evaluation_seconds"],
                   "seconds_per_round": round(ours, 2), "peak_rss_gib": ours_rss}))
 print(json.dumps({"ours_over_baseline": round(ours / base, 3),

@@ -57,9 +57,10 @@ class FederationSettings:
     server_dp_epsilon: float = _setting(0.0, "server-side DP: stop before a round that would "
                                              "exceed it (0: never)")
     server_dp_delta: float = 1e-5
-    wire: str = _setting("float32", "how the model travels: float32, or float16 (half the "
-                                    "bytes: the sites get the model rounded to float16 and "
-                                    "send their update in float16)", choices=WIRE_DTYPES)
+    wire: str = _setting("float16", "how the model travels: float16 (half the bytes: the "
+                                    "sites get the model rounded to float16 and send their "
+                                    "update in float16, which the centre adds to its float32 "
+                                    "model), or float32", choices=WIRE_DTYPES)
     keep_checkpoints: int = _setting(3, "round checkpoints kept, the newest (resume needs only "
                                         "the last); best.pt and final.pt are kept besides")
     # Deployment: JSON {node id: site} of the keys the centre registered; "" in simulation.

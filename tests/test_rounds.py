@@ -91,6 +91,7 @@ class Grid:
 
 def _rounds(tmp_path: Path, behaviours: list[Behaviour], **settings) -> Rounds:
     caps = {f"site_{i}": {"train": 4, "evaluate": 2} for i in range(1, len(behaviours) + 1)}
+    settings.setdefault("wire", "float32")  # what these sites answer with, unless a test says
     s = FederationSettings(run_dir=str(tmp_path), sites=len(behaviours), simulation=True,
                            site_caps=json.dumps(caps), **settings)
     recorder = RunRecorder(tmp_path, load_config("tiny"), CLASSES)

@@ -75,13 +75,13 @@ def test_fl_server_start_passes_the_wire_and_the_checkpoints_kept(tmp_path: Path
                                                                   started: list) -> None:
     """Neither defines the run (a resume may change them), but both must reach the ServerApp;
     the defaults when not given."""
-    assert _start(tmp_path, "--wire", "float16", "--keep-checkpoints", "5") == 0
-    assert (started[0]["wire"], started[0]["keep-checkpoints"]) == ("float16", 5)
+    assert _start(tmp_path, "--wire", "float32", "--keep-checkpoints", "5") == 0
+    assert (started[0]["wire"], started[0]["keep-checkpoints"]) == ("float32", 5)
     (tmp_path / "again").mkdir()
     assert server_main(["start", "--certs", str(tmp_path / "certs"), "--address",
                         f"127.0.0.1:{free_port()}", "--run-dir", str(tmp_path / "again" / "r")
                         ]) == 0
-    assert (started[1]["wire"], started[1]["keep-checkpoints"]) == ("float32", 3)
+    assert (started[1]["wire"], started[1]["keep-checkpoints"]) == ("float16", 3)
 
 
 def test_resume_keeps_the_checkpoints_configuration(tmp_path: Path, started: list,

@@ -154,5 +154,5 @@ def test_each_site_gets_one_model_message_per_round(tmp_path: Path, synth_root: 
     assert all({"dice", "train_loss"} <= set(v) for x in lines for v in x["sites"].values())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["round"] == 3
-    assert summary["wire"] == "float32"
+    assert summary["wire"] == "float16"  # the default
     assert set(summary["initial"]["sites"]) == {"client_00", "client_01"}
