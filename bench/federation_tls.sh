@@ -3,8 +3,8 @@
 # (train.skip), against bare Flower moving the same bytes, in one invocation:
 #   baseline  ../shared/bench/flower_deploy_baseline.py --arrays 50 (bare Flower, numpy arrays,
 #             the same TLS and site authentication; its other settings are its defaults)
-#   float32   fl-server start / fl-client as shipped (--wire float32, the default)
-#   float16   the same with --wire float16
+#   float32   fl-server start / fl-client as shipped, with --wire float32
+#   float16   the same with --wire float16 (the default)
 #   no-front  float32 with Flower's plain SuperLink serving every API (bench/no_front.py)
 # Prints one JSON line per variant: seconds of each round, seconds per round (ours: the final
 # evaluation-only message included), bytes per site per round and in model copies (Flower's

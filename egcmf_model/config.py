@@ -126,14 +126,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
 
-    def __post_init__(self) -> None:
-        if self.dp.frozen == "encoders" and not self.model.weights:
-            raise ConfigError("dp.frozen=encoders keeps the encoders as they start: give them "
-                              "with model.weights (a checkpoint of this network trained on "
-                              "public data with model.norm=group)")
-        if self.dp.public_epochs < 0:
-            raise ConfigError(f"dp.public_epochs must be 0 or more, not {self.dp.public_epochs}")
-
 
 def load_config(
     preset: str = "tiny",
@@ -157,6 +149,17 @@ def load_config(
     return apply_overrides(cfg, overrides)
 
 
+def check_together(cfg: Config) -> Config:
+    """The checks that span fields, made once every layer (preset, file, overrides) is in."""
+    if cfg.dp.frozen == "encoders" and not cfg.model.weights:
+        raise ConfigError("dp.frozen=encoders keeps the encoders as they start: give them with "
+                          "model.weights (a checkpoint of this network trained on public data "
+                          "with model.norm=group)")
+    if cfg.dp.public_epochs < 0:
+        raise ConfigError(f"dp.public_epochs must be 0 or more, not {cfg.dp.public_epochs}")
+    return cfg
+
+
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars), all at once (a
     key given twice: the last wins), so that fields checked together may come in any order."""
@@ -171,8 +174,17 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is a value, not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
-    return merge(cfg, nested, "the command line") if nested else cfg
+        _put(node, leaf, yaml.safe_load(raw) if raw.strip() else "")
+    return check_together(merge(cfg, nested, "the command line") if nested else cfg)
+
+
+def _put(node: dict[str, Any], key: str, value: Any) -> None:
+    """``node[key] = value``; a mapping merges into a mapping already there, key by key."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for inner, item in value.items():
+            _put(node[key], inner, item)
+    else:
+        node[key] = value
 
 
 def merge(obj: Any, updates: dict[str, Any], source: str, prefix: str = "") -> Any:
@@ -206,7 +218,7 @@ def to_yaml(cfg: Config) -> str:
 
 def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
     """Inverse of :func:`to_dict`, with the same checks as a YAML file."""
-    return _build(Config, data, source)
+    return check_together(_build(Config, data, source))
 
 
 def _build(cls: type, data: dict[str, Any], source: str) -> Any:

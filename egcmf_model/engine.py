@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import determinism
-from .config import ModelConfig, TrainConfig
+from .config import Config, ModelConfig, TrainConfig
 from .data.transforms import tumour_ids
 from .losses import EGCMFLoss
 from .metrics import SegmentationMetrics
@@ -92,6 +95,22 @@ def load_encoders(model: EGCMF, path: str) -> None:
             why = "; ".join(differ) or "another preset, width, variant or normalisation?"
             raise ValueError(f"model.weights {path}: its encoder {name} does not fit this "
                              f"network ({why}): {exc}") from exc
+
+
+def checked_weights(cfg: Config) -> Config:
+    """``cfg`` with ``model.weights``, if set, as an absolute path, once it loads into this
+    network (a network on the meta device: no memory, no random values), so that a wrong
+    file stops a run before it starts."""
+    if not cfg.model.weights:
+        return cfg
+    path = str(Path(cfg.model.weights).expanduser().resolve())
+    classes = tuple(cfg.data.classes) or ("background", "tumour")
+    with torch.device("meta"):
+        model = EGCMF(cfg.model, len(classes), tumour_ids(classes) or [len(classes) - 1])
+    with warnings.catch_warnings():  # loading into meta tensors checks shapes, copies nothing
+        warnings.simplefilter("ignore", UserWarning)
+        load_encoders(model, path)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=path))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

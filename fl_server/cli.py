@@ -151,6 +151,7 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
     """The run's configuration and settings, written to ``run_dir``: a new run into an empty
     folder, a resumed one as its checkpoint says (flags given again must agree)."""
     from egcmf_model.config import load_config, to_yaml
+    from egcmf_model.engine import checked_weights
 
     from .certs import site_caps
     from .runfolder import check_new, refuse, resumed, run_defining, write_settings
@@ -169,7 +170,8 @@ def _run_folder(args: argparse.Namespace, run_dir: Path) -> tuple[Path, dict]:
         cfg = ref.config
     else:
         check_new(run_dir)
-        cfg, settings = load_config(args.preset, args.config, overrides), run_defining(flags)
+        cfg = checked_weights(load_config(args.preset, args.config, overrides))
+        settings = run_defining(flags)
     _check_protection(settings, sites)
     write_settings(run_dir, settings, {})
     config_file = run_dir / "config.yaml"

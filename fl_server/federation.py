@@ -92,7 +92,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     # model.weights is read only for a run that has none yet
     network = build_model(dataclasses.replace(cfg.model, weights=""), classes)
     recorder = RunRecorder(Path(settings.run_dir), cfg, classes, settings.keep_checkpoints)
-    recorder.settings = saved_settings(settings)
+    recorder.settings, recorder.wire = saved_settings(settings), settings.wire
     start, payload = _resume(recorder, network, settings, cfg) if settings.resume else (0, None)
     if payload is None and cfg.model.weights:
         load_encoders(network, cfg.model.weights)
@@ -142,6 +142,12 @@ def _resume(recorder: RunRecorder, network: torch.nn.Module, settings: Federatio
     network.load_state_dict(payload["model"])
     recorder.event("resume", f"resuming after round {start}")
     log.info("resuming after round %d", start)
+    before = payload.get("wire")
+    if before and before != settings.wire:
+        recorder.event("wire", f"the model travels in {settings.wire} from round {start + 1}; "
+                       f"rounds 1-{start} ran in {before}", previous=before, wire=settings.wire)
+        log.warning("the wire changes at resume: %s until round %d, %s from now on", before,
+                    start, settings.wire)
     planned = int(payload.get("settings", {}).get("num-rounds", settings.num_rounds))
     if settings.num_rounds > planned:
         plan = (f"; the DP plan keeps its {cfg.dp.planned_rounds} planned rounds"

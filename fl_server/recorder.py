@@ -70,6 +70,7 @@ class RunRecorder:
         self.best: dict[str, Any] | None = None
         self.initial: dict[str, Any] | None = None  # the initial model's evaluation (round 0)
         self.settings: dict[str, Any] = {}  # the settings a resume must keep (in checkpoints)
+        self.wire = ""  # the wire the checkpoints' rounds ran with (a resume may change it)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
         self._queued: list[Future] = []
         self._failed = False  # a write failed: nothing queued after it is written
@@ -94,7 +95,7 @@ class RunRecorder:
         """Queue ``round_NNN.pt``: the global model after round ``number``, with what resume
         needs (``extra``); older round checkpoints beyond ``keep`` go once it is written."""
         payload = {"round": number, "best": self.best, "initial": clean(self.initial),
-                   "settings": self.settings, **extra}
+                   "settings": self.settings, "wire": self.wire, **extra}
         self._queue(self._write_round, number, state, payload)
 
     def record_line(self, number: int, line: dict[str, Any]) -> None:

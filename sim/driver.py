@@ -9,6 +9,7 @@ from typing import Any
 
 from egcmf_model.config import Config, apply_overrides, load_config
 from egcmf_model.data.source import DataSource, open_source
+from egcmf_model.engine import checked_weights
 from fl_server.runfolder import check_new, refuse, resumed, run_defining, write_settings
 from fl_server.settings import (
     AGGREGATION_FLAGS,
@@ -44,6 +45,11 @@ def _overrides(args: argparse.Namespace, stated: set[str] | None) -> list[str]:
     return [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
 
 
+def _states_frozen(args: argparse.Namespace) -> bool:
+    """Whether the command line chooses ``dp.frozen`` itself (``--set dp.frozen=...``)."""
+    return any(item.partition("=")[0].strip() == "dp.frozen" for item in args.overrides)
+
+
 def _fresh_config(args: argparse.Namespace, stated: set[str] | None) -> Config:
     """Preset < --config < --set < flags, fitted to the data (its classes; the H&E branch for
     data without CK5/6)."""
@@ -71,7 +77,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     if problem:
         raise ValueError(f"{problem}. Use more --clients, or another strategy or setting")
     if args.mode == "federated" and not args.compare and not args.resume:
-        cfg = with_public_encoders(cfg)  # once the command is known to be valid
+        cfg = checked_weights(with_public_encoders(cfg, freeze=not _states_frozen(args)))
     if args.mode == "federated" and not args.compare:
         write_settings(args.out, settings, extra)
     source = open_source(cfg.data, 4 * cfg.model.in_size)
@@ -95,7 +101,8 @@ def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, A
     stated = getattr(args, "given", None)
     stated = set(vars(args)) if stated is None else stated
     ref, settings, changes = resumed(
-        args.out, stated, lambda: with_public_encoders(_fresh_config(args, stated), train=False),
+        args.out, stated, lambda: with_public_encoders(_fresh_config(args, stated), train=False,
+                                                       freeze=not _states_frozen(args)),
         _overrides(args, stated),
         {k: v for k, v in run_defining(flags).items() if k.replace("-", "_") in stated})
     kept = {key: ref.extra.get(key, value) for key, value in extra.items()}

@@ -31,15 +31,17 @@ PUBLIC_SEED_OFFSET = 777  # the public set's generator seed: the sites' seed + t
 PUBLIC_RECIPE = 1  # raise when the public network's training changes (renames its cache)
 
 
-def with_public_encoders(cfg: Config, train: bool = True) -> Config:
-    """``cfg`` with its encoders from the public network and frozen under DP, where it applies:
-    DP-SGD on the built-in synthetic set, no ``model.weights`` given, ``dp.public_epochs`` > 0.
+def with_public_encoders(cfg: Config, train: bool = True, freeze: bool = True) -> Config:
+    """``cfg`` with its encoders from the public network, where it applies: DP-SGD on the
+    built-in synthetic set, no ``model.weights`` given, ``dp.public_epochs`` > 0; frozen
+    under DP unless ``freeze`` is False (the user chose ``dp.frozen`` for themselves).
     ``train=False``: where the network is or would be, without training it."""
     if not (cfg.dp.enabled and cfg.dp.public_epochs > 0 and not cfg.model.weights
             and cfg.data.dataset == "synthetic" and not cfg.data.root):
         return cfg
     path = public_network(cfg) if train else public_folder(public_config(cfg)) / "best.pt"
-    return apply_overrides(cfg, [f"model.weights={path}", "dp.frozen=encoders"])
+    return apply_overrides(cfg, [f"model.weights={path}",
+                                 *(["dp.frozen=encoders"] if freeze else [])])
 
 
 def public_config(cfg: Config) -> Config:

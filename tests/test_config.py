@@ -74,3 +74,25 @@ def test_bad_yaml_and_preset(tmp_path: Path) -> None:
 def test_round_trip_through_dict() -> None:
     cfg = load_config("paper", overrides=["model.variant=mrfm"])
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_fields_checked_together_may_come_from_any_layer_in_any_order(tmp_path) -> None:
+    """dp.frozen=encoders needs model.weights: refused alone, accepted with the weights from
+    another layer (a file, then an override) or earlier in the same command line; a section
+    given as a value merges into what the command line already set."""
+    with pytest.raises(ConfigError, match=r"dp\.frozen=encoders .* give them with model\.weights"):
+        load_config("tiny", overrides=["dp.frozen=encoders"])
+    (tmp_path / "dp.yaml").write_text("dp:\n  frozen: encoders\n")
+    with pytest.raises(ConfigError, match=r"dp\.frozen=encoders"):
+        load_config(path=tmp_path / "dp.yaml")
+    assert load_config(path=tmp_path / "dp.yaml",
+                       overrides=["model.weights=/w.pt"]).dp.frozen == "encoders"
+    both = load_config("tiny", overrides=["dp.frozen=encoders", "model.weights=/w.pt"])
+    assert (both.dp.frozen, both.model.weights) == ("encoders", "/w.pt")
+    merged = load_config("tiny", overrides=["train.lr=0.5", "train={epochs: 2}"])
+    assert (merged.train.lr, merged.train.epochs) == (0.5, 2)
+    assert load_config("tiny", overrides=["train.lr=0.5", "train.lr=0.25"]).train.lr == 0.25
+    with pytest.raises(ConfigError, match=r"'train\.lr\.x=2': lr is a value, not a section"):
+        load_config("tiny", overrides=["train.lr=1", "train.lr.x=2"])
+    with pytest.raises(ConfigError, match=r"dp\.public_epochs must be 0 or more"):
+        load_config("tiny", overrides=["dp.public_epochs=-1"])

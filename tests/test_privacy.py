@@ -273,7 +273,11 @@ def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: 
     leave the plain network behind; the next training without DP trains everything again."""
     from egcmf_model.engine import encoders
 
-    cfg, source, model = _setup(synth_root, "model.variant=full", "dp.frozen=encoders")
+    public = tmp_path / "public.pt"  # encoders to start from (here: a random network's)
+    torch.save(build_model(load_config("tiny", overrides=["model.norm=group"]).model,
+                           open_sites(synth_root / "site_01").classes).state_dict(), public)
+    cfg, source, model = _setup(synth_root, "model.variant=full", "dp.frozen=encoders",
+                                f"model.weights={public}")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fixed = {f"{name}.{key}" for name, m in encoders(model).items()
              for key in m.state_dict()}

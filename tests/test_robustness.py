@@ -561,3 +561,27 @@ def test_a_global_model_beyond_float16s_range_is_not_sent_as_inf() -> None:
     with pytest.raises(ValueError, match="float16 wire can carry"):
         _global(big).wire("float16")
     assert _global(big).wire("float32") is not None
+
+
+def test_a_float16_site_whose_variance_reached_zero_is_not_taken_for_a_negative_one() -> None:
+    """Under the float16 wire a site's variance is what it received (the centre's value
+    rounded to float16) plus its update: a site that ends at exactly 0 passes even where the
+    rounding went up (0.7 -> 0.7002); one below 0 is still rejected."""
+    base = _state(0)
+    base["bn.running_var"] = torch.full((4,), 0.7)
+    assert float(torch.tensor(0.7).half()) > 0.7
+    rounded = LAYOUT.unpack({k: v.half().float() if k != INT else v
+                             for k, v in LAYOUT.pack(base).items()})
+    sent = model_record(LAYOUT.pack(base), "float16")  # what the centre sent
+
+    def reply(site: str, variance: float) -> Message:
+        state = _near(rounded, 1)
+        state["bn.running_var"] = torch.full((4,), variance)
+        arrays = reply_record(state, LAYOUT, {k: a.numpy() for k, a in sent.items()},
+                              "float16")
+        return _reply(site, arrays)
+    checked = _check([reply("zero", 0.0), reply("below", -0.01), reply("c", 0.5)], base,
+                     wire="float16")
+    assert sorted(_site(m) for m in checked.kept) == ["c", "zero"]
+    assert [r.site for r in checked.rejected] == ["below"]
+    assert "negative variance" in checked.rejected[0].reason

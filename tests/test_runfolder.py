@@ -178,3 +178,39 @@ def test_resuming_a_complete_run_with_another_setting_names_the_change(tmp_path:
     with pytest.raises(RunFolderError, match=r"the run is complete .*larger --rounds"):
         refuse(tmp_path, [], done, {"num-rounds": 2})
     refuse(tmp_path, [], done, {"num-rounds": 3})  # more rounds: resumed
+
+
+def test_a_resume_that_changes_the_wire_says_so(tmp_path: Path, synth_root: Path) -> None:
+    """The wire may change at a resume (it does not define the run), but never silently: the
+    checkpoint says which wire its rounds ran with, and the change is an event."""
+    out = tmp_path / "run"
+    assert _sim(synth_root, out, "--clients", "2", "--rounds", "1", "--wire", "float32",
+                "--variant", "unet", "--local-epochs", "1") == 0
+    assert torch.load(out / "round_001.pt", weights_only=True)["wire"] == "float32"
+    assert _sim(synth_root, out, "--resume", "--rounds", "2") == 0  # the default: float16
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    changed = [e for e in events if e["kind"] == "wire"]
+    assert [(e["previous"], e["wire"]) for e in changed] == [("float32", "float16")]
+    assert "rounds 1-1 ran in float32" in changed[0]["message"]
+    assert json.loads((out / "summary.json").read_text())["wire"] == "float16"
+
+
+def test_fl_server_start_checks_model_weights_before_anything_is_written(
+        tmp_path: Path, started: list, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing or unfitting model.weights stops fl-server start with the file named and an
+    empty run folder (so the same command, corrected, can run); a good one is kept as an
+    absolute path, since the ServerApp runs in another directory."""
+    monkeypatch.chdir(tmp_path)
+    assert _start(tmp_path, "--set", "model.weights=nope.pt") == 2
+    assert "model.weights" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    torch.save({"features.0.weight": torch.zeros(5, 3, 3, 3)}, tmp_path / "vgg.pth")
+    assert _start(tmp_path, "--set", "model.weights=vgg.pth") == 2  # width 0.125: 8 filters
+    assert "features.0.weight is (5, 3, 3, 3) there" in capsys.readouterr().err
+    cfg = load_config(overrides=["model.norm=group"])
+    torch.save(build_model(cfg.model, ("background", "tumour")).state_dict(), tmp_path / "w.pt")
+    assert _start(tmp_path, "--dp", "--set", "model.weights=w.pt",
+                  "--set", "dp.frozen=encoders") == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["weights"] == str(tmp_path / "w.pt")
+    assert started[-1]["run-dir"] == str((tmp_path / "run").resolve())
