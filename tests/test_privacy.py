@@ -342,7 +342,7 @@ def test_a_dp_simulation_on_the_built_in_set_starts_from_public_encoders(
     assert (early / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
     def tiles(seed: int) -> set[bytes]:
-        root, = cache_dir().glob(f"synthetic_*_seed{seed}")
+        root, = cache_dir().glob(f"synthetic_*_2x3_*px_seed{seed}")  # this test's sets
         return {p.read_bytes() for p in root.rglob("he.png")}  # (a mask may be all stroma)
     sites, public_tiles = tiles(config["data"]["synth_seed"]), tiles(
         config["data"]["synth_seed"] + 777)
