@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -89,6 +90,12 @@ def reply_record(state: Mapping[str, torch.Tensor], layout: Layout,
     return record
 
 
+# numpy parses array headers with ast.literal_eval, which CPython 3.11 can fail from several
+# threads at once ("SystemError: AST constructor recursion depth mismatch", cpython #106905);
+# the centre reads replies from one thread per core, so headers are parsed one at a time
+_HEADERS = threading.Lock()
+
+
 def view(array: Array) -> np.ndarray:
     """The values of a Flower array without a copy (read-only)."""
     if array.stype != SType.NUMPY:
@@ -98,7 +105,8 @@ def view(array: Array) -> np.ndarray:
     major, _ = np.lib.format.read_magic(stream)
     read_header = (np.lib.format.read_array_header_1_0 if major == 1
                    else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read_header(stream)
+    with _HEADERS:
+        shape, fortran, dtype = read_header(stream)
     if fortran or dtype.hasobject:
         raise ValueError("unsupported array layout")
     count = math.prod(shape)
