@@ -104,9 +104,9 @@ def checked_weights(cfg: Config) -> Config:
     if not cfg.model.weights:
         return cfg
     path = str(Path(cfg.model.weights).expanduser().resolve())
-    classes = tuple(cfg.data.classes) or ("background", "tumour")
     with torch.device("meta"):
-        model = EGCMF(cfg.model, len(classes), tumour_ids(classes) or [len(classes) - 1])
+        model = build_model(dataclasses.replace(cfg.model, weights=""),
+                            tuple(cfg.data.classes) or ("background", "tumour"))
     with warnings.catch_warnings():  # loading into meta tensors checks shapes, copies nothing
         warnings.simplefilter("ignore", UserWarning)
         load_encoders(model, path)

@@ -260,10 +260,10 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
                     f"carries (65504); a federation that needs such weights runs with "
                     f"--wire float32"), {}, {}
         for start, stop, tensor in variances.get(name, ()):
-            # the site's own variance: its float32 values, or what it received (the model
-            # rounded to float16) plus its update; a site at 0 stays at 0, not a rounding below
+            # the site's own variance: its float32 values, or what it received (the model as
+            # sent in float16) plus its update; a site at 0 stays at 0, not a rounding below
             site = (values[start:stop] if wire == "float32"
-                    else to_float32(master[start:stop].astype(np.float16))
+                    else to_float32(view(model.wire(wire)[name])[start:stop])
                     + to_float32(values[start:stop]))
             if (site < 0).any():
                 return f"array {tensor}: a negative variance ({float(site.min()):.3g})", {}, {}
