@@ -28,11 +28,11 @@ from flwr.serverapp.exception import (
 from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import Config, load_config, to_yaml
-from egcmf_model.engine import build_model, load_encoders, seed_everything
-from egcmf_model.packing import INT, Layout
+from egcmf_model.engine import build_model, encoders, load_encoders, seed_everything
+from egcmf_model.packing import INT, Layout, Slot
 from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
 
-from .global_model import GlobalModel
+from .global_model import GlobalModel, slots_under
 from .identity import SiteIdentity
 from .lines import evaluation_part, merge, training_part
 from .recorder import RunRecorder
@@ -99,14 +99,17 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     strategy = make_strategy(strategy_options(settings))
     if payload is not None:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
-    model = GlobalModel.of_state(Layout.of(network.state_dict()), network.state_dict())
+    layout = Layout.of(network.state_dict())
+    model = GlobalModel.of_state(layout, network.state_dict())
+    frozen = (slots_under(layout, encoders(network))
+              if cfg.dp.enabled and cfg.dp.frozen == "encoders" else ())
     del network
     config_yaml = to_yaml(cfg)
     config = ConfigRecord({"egcmf-config": config_yaml, "wire": settings.wire,
                            "federation-id": federation_id(settings.run_dir, config_yaml),
                            "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
     rounds = Rounds(grid, settings, strategy, recorder, classes, config, model,
-                    (payload or {}).get("pending"), cfg.model.in_size**2)
+                    (payload or {}).get("pending"), cfg.model.in_size**2, frozen)
     seconds, done = {}, start
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
@@ -171,12 +174,14 @@ class Rounds:
 
     def __init__(self, grid: Grid, settings: FederationSettings, strategy: Strategy,
                  recorder: RunRecorder, classes: tuple[str, ...], config: ConfigRecord,
-                 model: GlobalModel, pending: dict[str, Any] | None, pixels: int = 0) -> None:
+                 model: GlobalModel, pending: dict[str, Any] | None, pixels: int = 0,
+                 frozen: tuple[Slot, ...] = ()) -> None:
         self.grid, self.settings, self.strategy = grid, settings, strategy
         self.recorder, self.classes, self.config = recorder, classes, config
         self.model = model
         self.pending = pending  # the training part of the newest round's line
         self.pixels = pixels  # labelled pixels per validation example (0: unknown)
+        self.frozen = frozen  # weights no site trains (encoders frozen under DP-SGD)
 
     def run(self, rnd: int) -> dict[str, float]:
         """Round ``rnd``; returns each site's training seconds."""
@@ -252,6 +257,11 @@ class Rounds:
         if raised:
             log.info("round %d: %d BatchNorm running variance(s) below 0 after aggregation "
                      "raised to 0", rnd, raised)
+        model, moved = model.keeping(self.model, self.frozen)
+        if moved:
+            log.info("round %d: %d value(s) of the frozen encoders moved in aggregation "
+                     "(server-side DP noise, or a site that trained them); kept as they were",
+                     rnd, moved)
         return model
 
     def _strategy_aggregate(self, rnd: int, updates: list[Message], sampled: int) -> Any:

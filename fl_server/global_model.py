@@ -8,7 +8,7 @@ is :meth:`GlobalModel.wire`: the same buffers, or their float16 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, cached_property
 
@@ -27,6 +27,12 @@ VARIANCE = "running_var"  # BatchNorm's running variance: never negative in an h
 def variance_slots(layout: Layout) -> tuple[Slot, ...]:
     """Where the BatchNorm running variances of ``layout`` live (all in float buffers)."""
     return tuple(s for s in layout.slots if kind(s.buffer) == FLOAT and s.name.endswith(VARIANCE))
+
+
+def slots_under(layout: Layout, modules: Iterable[str]) -> tuple[Slot, ...]:
+    """The slots of every tensor of ``modules`` (module names, as in ``named_modules``)."""
+    prefixes = tuple(f"{m}." for m in modules)
+    return tuple(s for s in layout.slots if prefixes and s.name.startswith(prefixes))
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,20 @@ class GlobalModel:
         for s in variances:
             np.maximum(floats[s.buffer][s.start:s.stop], 0, out=floats[s.buffer][s.start:s.stop])
         return GlobalModel(self.layout, model_record(floats), self.ints), count
+
+    def keeping(self, previous: GlobalModel, slots: tuple[Slot, ...]) -> tuple[GlobalModel, int]:
+        """This model with the values of ``slots`` taken back from ``previous``, and how many
+        values that changed. For weights that no site may train (encoders frozen under DP-SGD):
+        neither server-side DP noise nor a site that trains them anyway moves them (using
+        ``previous``, which the sites already hold, is post-processing: no privacy spent)."""
+        changed = sum(int((self.values[s.buffer][s.start:s.stop]
+                           != previous.values[s.buffer][s.start:s.stop]).sum()) for s in slots)
+        if not changed:
+            return self, 0
+        floats = {k: view(a).copy() for k, a in self.floats.items()}
+        for s in slots:
+            floats[s.buffer][s.start:s.stop] = previous.values[s.buffer][s.start:s.stop]
+        return GlobalModel(self.layout, model_record(floats), self.ints), changed
 
     @cached_property
     def values(self) -> dict[str, np.ndarray]:

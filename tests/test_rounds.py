@@ -14,10 +14,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from egcmf_model.config import load_config
+from egcmf_model.engine import build_model, encoders
 from egcmf_model.packing import Layout
 from fl_common.wire import model_record, reply_record, view
 from fl_server.federation import Rounds, make_strategy, strategy_options
-from fl_server.global_model import GlobalModel
+from fl_server.global_model import GlobalModel, slots_under
 from fl_server.recorder import RunRecorder
 from fl_server.settings import FederationSettings
 
@@ -200,6 +201,31 @@ def test_server_side_dp_noise_never_leaves_a_negative_variance(tmp_path: Path) -
     variance = rounds.model.state()["bn.running_var"]
     assert (variance >= 0).all()
     assert (variance == 0).any()  # the noise did push some below 0
+
+
+
+def test_frozen_encoders_stay_as_they_are_whatever_the_round_does(tmp_path: Path) -> None:
+    """Encoders frozen under DP-SGD (public weights) are not moved by server-side DP noise,
+    nor by a site that trains them anyway: the centre takes them back from the model it sent.
+    The rest of the model still moves."""
+    frozen = slots_under(LAYOUT, ["conv"])  # here "conv" stands for the encoders
+    for dp in ({"server_dp_noise": 1.0, "server_dp_clip": 1.0}, {}):
+        np.random.seed(0)
+        rounds = _rounds(tmp_path / str(len(dp)), [honest, honest], **dp)
+        rounds.frozen = frozen
+        rounds.run(1)
+        state = rounds.model.state()
+        assert torch.equal(state["conv.weight"], _global()["conv.weight"]), dp
+        assert not torch.equal(state["bn.running_mean"], _global()["bn.running_mean"]), dp
+
+
+def test_the_frozen_slots_of_a_network_are_its_encoders_weights() -> None:
+    cfg = load_config("tiny", overrides=["model.norm=group"])
+    network = build_model(cfg.model, CLASSES)
+    slots = slots_under(Layout.of(network.state_dict()), encoders(network))
+    found = sum(s.stop - s.start for s in slots)
+    assert found == sum(p.numel() for m in encoders(network).values() for p in m.parameters())
+    assert 0 < found < sum(p.numel() for p in network.parameters())
 
 
 def test_replies_built_to_crash_the_round_are_left_out_one_by_one(tmp_path: Path) -> None:
