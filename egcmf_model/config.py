@@ -131,10 +131,12 @@ def load_config(
     preset: str = "tiny",
     path: str | Path | None = None,
     overrides: typing.Sequence[str] = (),
+    defaults: typing.Sequence[str] = (),
 ) -> Config:
     """Build a :class:`Config` from a preset, an optional YAML file and ``key=value`` overrides.
 
-    A user file may name its own base with a top-level ``preset:`` key.
+    A user file may name its own base with a top-level ``preset:`` key. ``defaults`` are
+    ``key=value`` strings put on the preset, below the file and the overrides.
     """
     user: dict[str, Any] = {}
     if path is not None:
@@ -144,6 +146,8 @@ def load_config(
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     preset_file = resources.files("egcmf_model.presets") / f"{preset}.yaml"
     cfg = _build(Config, yaml.safe_load(preset_file.read_text()) or {}, f"preset {preset}.yaml")
+    if defaults:
+        cfg = apply_overrides(cfg, defaults)
     if user:
         cfg = merge(cfg, user, str(path))
     return apply_overrides(cfg, overrides)

@@ -73,17 +73,20 @@ class GlobalModel:
 
     def keeping(self, previous: GlobalModel, slots: tuple[Slot, ...]) -> tuple[GlobalModel, int]:
         """This model with the values of ``slots`` taken back from ``previous``, and how many
-        values that changed. For weights that no site may train (encoders frozen under DP-SGD):
-        neither server-side DP noise nor a site that trains them anyway moves them (using
-        ``previous``, which the sites already hold, is post-processing: no privacy spent)."""
-        changed = sum(int((self.values[s.buffer][s.start:s.stop]
-                           != previous.values[s.buffer][s.start:s.stop]).sum()) for s in slots)
-        if not changed:
+        of them had moved by more than the rounding of an average (a weighted mean of equal
+        float32 values can differ from them in the last bit). For weights that no site may
+        train (encoders frozen under DP-SGD): neither server-side DP noise nor a site that
+        trains them anyway moves them (using ``previous``, which the sites already hold, is
+        post-processing: no privacy spent)."""
+        pairs = [(self.values[s.buffer][s.start:s.stop],
+                  previous.values[s.buffer][s.start:s.stop]) for s in slots]
+        if all(np.array_equal(new, old) for new, old in pairs):
             return self, 0
+        moved = sum(int((~np.isclose(new, old, rtol=1e-5, atol=1e-8)).sum()) for new, old in pairs)
         floats = {k: view(a).copy() for k, a in self.floats.items()}
         for s in slots:
             floats[s.buffer][s.start:s.stop] = previous.values[s.buffer][s.start:s.stop]
-        return GlobalModel(self.layout, model_record(floats), self.ints), changed
+        return GlobalModel(self.layout, model_record(floats), self.ints), moved
 
     @cached_property
     def values(self) -> dict[str, np.ndarray]:

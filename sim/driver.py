@@ -22,7 +22,7 @@ from fl_server.settings import (
 from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
-from .public import with_public_encoders
+from .public import DP_BUILT_IN, with_public_encoders
 
 log = logging.getLogger("sim")
 
@@ -50,10 +50,19 @@ def _states_frozen(args: argparse.Namespace) -> bool:
     return any(item.partition("=")[0].strip() == "dp.frozen" for item in args.overrides)
 
 
+def configured(args: argparse.Namespace, stated: set[str] | None = None) -> Config:
+    """Preset < what --dp changes on the built-in synthetic set < --config < --set < flags."""
+    overrides = _overrides(args, stated)
+    cfg = load_config(args.preset, args.config, overrides)
+    if cfg.dp.enabled and cfg.data.dataset == "synthetic" and not cfg.data.root:
+        cfg = load_config(args.preset, args.config, overrides, defaults=DP_BUILT_IN)
+    return cfg
+
+
 def _fresh_config(args: argparse.Namespace, stated: set[str] | None) -> Config:
-    """Preset < --config < --set < flags, fitted to the data (its classes; the H&E branch for
-    data without CK5/6)."""
-    cfg = load_config(args.preset, args.config, _overrides(args, stated))
+    """:func:`configured`, fitted to the data (its classes; the H&E branch for data without
+    CK5/6)."""
+    cfg = configured(args, stated)
     source = open_source(cfg.data, 4 * cfg.model.in_size)
     fixes = [f"data.classes=[{', '.join(source.classes)}]"]
     if args.variant is None and not source.has_ck56:

@@ -299,6 +299,29 @@ def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: 
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in fixed)
 
 
+def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
+        tmp_path: Path) -> None:
+    """--dp on the built-in synthetic set: 64 ROIs per site and one local epoch per round;
+    --config, --set and --local-epochs each still choose for themselves, and other data and
+    runs without DP keep the preset's."""
+    from sim.driver import configured
+    from sim.run import build_parser
+
+    def data_and_epochs(*argv: str) -> tuple[int, int]:
+        cfg = configured(build_parser().parse_args(list(argv)))
+        return cfg.data.synth_rois_per_site, cfg.train.epochs
+
+    preset = load_config("tiny")
+    assert data_and_epochs() == (preset.data.synth_rois_per_site, preset.train.epochs) == (12, 7)
+    assert data_and_epochs("--dp") == (64, 1)
+    assert data_and_epochs("--dp", "--set", "data.synth_rois_per_site=20") == (20, 1)
+    assert data_and_epochs("--dp", "--local-epochs", "4") == (64, 4)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data:\n  synth_rois_per_site: 30\ntrain:\n  epochs: 2\n")
+    assert data_and_epochs("--dp", "--config", str(mine)) == (30, 2)
+    assert data_and_epochs("--dp", "--data", str(tmp_path)) == (12, 7)
+
+
 def test_a_dp_simulation_on_the_built_in_set_starts_from_public_encoders(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """DP-SGD on the built-in synthetic set: the encoders come from a network trained without
