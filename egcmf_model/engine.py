@@ -62,6 +62,15 @@ def encoders(model: nn.Module) -> dict[str, VGGEncoder]:
     return {name: m for name, m in model.named_modules() if isinstance(m, VGGEncoder)}
 
 
+def frozen_parameters(model: nn.Module, frozen: str) -> set[str]:
+    """The names of the parameters that DP-SGD leaves as they are under ``dp.frozen``: the
+    encoders' with ``"encoders"``, none with ``"none"``."""
+    if frozen != "encoders":
+        return set()
+    return {f"{name}.{param}" for name, module in encoders(model).items()
+            for param, _ in module.named_parameters()}
+
+
 def load_encoders(model: EGCMF, path: str) -> None:
     """Every encoder of ``model`` from the local file ``path``: a torchvision VGG16-BN state
     dict (the same weights in each encoder), or a checkpoint or state dict of this network

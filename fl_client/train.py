@@ -19,8 +19,8 @@ from egcmf_model.config import Config
 from egcmf_model.data.source import RoiRecord
 from egcmf_model.engine import (
     GpuSpeed,
-    encoders,
     evaluate,
+    frozen_parameters,
     lr_schedule,
     seed_everything,
     train_epoch,
@@ -67,7 +67,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     trained: :func:`stand_in_update` moves the weights.
     """
     if cfg.train.skip:
-        stand_in_update(model, seed)
+        stand_in_update(model, seed,
+                        keep=frozen_parameters(model, cfg.dp.frozen) if cfg.dp.enabled else set())
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
                 "epsilon": NO_DP, "site-weight": 1, "steps": 0}
     if steps is not None and cfg.dp.enabled:
@@ -124,15 +125,16 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
 def set_trainable(model: torch.nn.Module, frozen: str) -> list[torch.nn.Parameter]:
     """The parameters to train: all, or with ``frozen="encoders"`` all but the encoders'
     (which then keep the weights they came with)."""
-    fixed = ({id(p) for m in encoders(model).values() for p in m.parameters()}
-             if frozen == "encoders" else set())
-    for param in model.parameters():
-        param.requires_grad_(id(param) not in fixed)
-    return [p for p in model.parameters() if id(p) not in fixed]
+    fixed = frozen_parameters(model, frozen)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in fixed)
+    return [p for name, p in model.named_parameters() if name not in fixed]
 
 
-def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE) -> None:
-    """What ``train.skip`` does instead of training: every float weight moves by a step of
+def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE,
+                    keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """What ``train.skip`` does instead of training: every float weight (but ``keep``, the
+    weights frozen under DP-SGD) moves by a step of
     ``scale``, Gaussian noise drawn from ``seed`` (a stretch of ``NOISE_PERIOD`` values,
     repeated; a prime period, so no two 5 MiB chunks of a message repeat each other). A real
     update changes every value; returning the weights untouched would let Flower skip sending
@@ -142,8 +144,8 @@ def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_S
     noise *= scale
     offset = 0
     with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if not tensor.is_floating_point():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or name in keep:
                 continue
             # the noise read cyclically, in place (channels-last tensors: through a copy)
             target = tensor if tensor.is_contiguous() else tensor.contiguous()

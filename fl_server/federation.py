@@ -28,11 +28,11 @@ from flwr.serverapp.exception import (
 from flwr.serverapp.strategy import Strategy
 
 from egcmf_model.config import Config, load_config, to_yaml
-from egcmf_model.engine import build_model, encoders, load_encoders, seed_everything
+from egcmf_model.engine import build_model, frozen_parameters, load_encoders, seed_everything
 from egcmf_model.packing import INT, Layout, Slot
 from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
 
-from .global_model import GlobalModel, slots_under
+from .global_model import GlobalModel, slots_named
 from .identity import SiteIdentity
 from .lines import evaluation_part, merge, training_part
 from .recorder import RunRecorder
@@ -101,8 +101,8 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
     layout = Layout.of(network.state_dict())
     model = GlobalModel.of_state(layout, network.state_dict())
-    frozen = (slots_under(layout, encoders(network))
-              if cfg.dp.enabled and cfg.dp.frozen == "encoders" else ())
+    frozen = slots_named(layout, frozen_parameters(network, cfg.dp.frozen)
+                         if cfg.dp.enabled else ())
     del network
     config_yaml = to_yaml(cfg)
     config = ConfigRecord({"egcmf-config": config_yaml, "wire": settings.wire,
@@ -196,7 +196,7 @@ class Rounds:
         s = self.settings
         checked = check_updates([m for m in replies if FAILURE not in m.content], self.model,
                                 s.wire, site_of, s.caps("train"), update_rules(s),
-                                len(self.classes))
+                                len(self.classes), self.frozen)
         self._rejected(rnd, "update", checked.rejected)
         training = training_part(checked.kept, site_of, checked.norms)
         self.model = self._aggregate(rnd, checked.kept, len(messages))
@@ -257,12 +257,8 @@ class Rounds:
         if raised:
             log.info("round %d: %d BatchNorm running variance(s) below 0 after aggregation "
                      "raised to 0", rnd, raised)
-        model, moved = model.keeping(self.model, self.frozen)
-        if moved:
-            log.info("round %d: %d value(s) of the frozen encoders moved in aggregation "
-                     "(server-side DP noise, or a site that trained them); kept as they were",
-                     rnd, moved)
-        return model
+        # a site that changes them is rejected (check_updates); server-side DP noise is not
+        return model.keeping(self.model, self.frozen)
 
     def _strategy_aggregate(self, rnd: int, updates: list[Message], sampled: int) -> Any:
         """The strategy's float buffers for the round, or None (logged) when there are none;

@@ -29,10 +29,10 @@ def variance_slots(layout: Layout) -> tuple[Slot, ...]:
     return tuple(s for s in layout.slots if kind(s.buffer) == FLOAT and s.name.endswith(VARIANCE))
 
 
-def slots_under(layout: Layout, modules: Iterable[str]) -> tuple[Slot, ...]:
-    """The slots of every tensor of ``modules`` (module names, as in ``named_modules``)."""
-    prefixes = tuple(f"{m}." for m in modules)
-    return tuple(s for s in layout.slots if prefixes and s.name.startswith(prefixes))
+def slots_named(layout: Layout, names: Iterable[str]) -> tuple[Slot, ...]:
+    """The slots of the tensors ``names`` (state-dict names), in the layout's order."""
+    wanted = set(names)
+    return tuple(s for s in layout.slots if s.name in wanted)
 
 
 @dataclass(frozen=True)
@@ -71,22 +71,19 @@ class GlobalModel:
             np.maximum(floats[s.buffer][s.start:s.stop], 0, out=floats[s.buffer][s.start:s.stop])
         return GlobalModel(self.layout, model_record(floats), self.ints), count
 
-    def keeping(self, previous: GlobalModel, slots: tuple[Slot, ...]) -> tuple[GlobalModel, int]:
-        """This model with the values of ``slots`` taken back from ``previous``, and how many
-        of them had moved by more than the rounding of an average (a weighted mean of equal
-        float32 values can differ from them in the last bit). For weights that no site may
-        train (encoders frozen under DP-SGD): neither server-side DP noise nor a site that
-        trains them anyway moves them (using ``previous``, which the sites already hold, is
-        post-processing: no privacy spent)."""
-        pairs = [(self.values[s.buffer][s.start:s.stop],
-                  previous.values[s.buffer][s.start:s.stop]) for s in slots]
-        if all(np.array_equal(new, old) for new, old in pairs):
-            return self, 0
-        moved = sum(int((~np.isclose(new, old, rtol=1e-5, atol=1e-8)).sum()) for new, old in pairs)
+    def keeping(self, previous: GlobalModel, slots: tuple[Slot, ...]) -> GlobalModel:
+        """This model with the float values of ``slots`` taken back from ``previous``: for
+        weights no site trains (encoders frozen under DP-SGD), which server-side DP noise (and
+        the rounding of an average) would otherwise move. Using ``previous``, which the sites
+        already hold, is post-processing: no privacy spent."""
+        slots = tuple(s for s in slots if kind(s.buffer) == FLOAT)
+        if all(np.array_equal(self.values[s.buffer][s.start:s.stop],
+                              previous.values[s.buffer][s.start:s.stop]) for s in slots):
+            return self
         floats = {k: view(a).copy() for k, a in self.floats.items()}
         for s in slots:
             floats[s.buffer][s.start:s.stop] = previous.values[s.buffer][s.start:s.stop]
-        return GlobalModel(self.layout, model_record(floats), self.ints), moved
+        return GlobalModel(self.layout, model_record(floats), self.ints)
 
     @cached_property
     def values(self) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ Each rule is a small function over one part of a reply:
   knows of that site (its cap);
 - :func:`decode_update`: the packed buffers' names, sizes and dtypes, finite values, BatchNorm
   running variances that are not negative, weights within the float16 wire's range (float16),
-  and the update's norm per group of tensors;
+  frozen weights unchanged (encoders under DP-SGD), and the update's norm per group of tensors;
 - :func:`norm_limit` and :func:`site_weights`: the norm rule over a round's updates, and the
   norm-bounded averaging that clips each update to a multiple of the median norm.
 
@@ -32,7 +32,7 @@ from functools import cache
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from egcmf_model.packing import FLOAT, Layout, kind
+from egcmf_model.packing import FLOAT, Layout, Slot, kind
 from fl_common.replies import (
     ARRAYS,
     CONFUSION,
@@ -218,12 +218,14 @@ def _groups(layout: Layout) -> dict[str, tuple[tuple[int, int, str], ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
+def decode_update(record: ArrayRecord, model: GlobalModel, wire: str,
+                  frozen: tuple[Slot, ...] = ()
                   ) -> tuple[str | None, dict[str, np.ndarray], dict[str, float]]:
     """``(problem, sent, norms)`` of a reply's arrays: its buffers' names, sizes and dtypes
     must be the layout's (float ones in the ``wire`` dtype), its values finite, the BatchNorm
     variances they give not negative, and (float16) the weights they give within what the
     float16 wire carries, so that no site can push the next global model out of its range.
+    The ``frozen`` weights (encoders under DP-SGD) must come back exactly as they were sent.
     ``sent`` are the buffers as they came, without a copy (read them with
     :func:`site_weights`), ``norms`` the norm of each group of the update (``w_site -
     w_global``; in float16 the update as sent). The problem says why there are none."""
@@ -259,6 +261,12 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str
             return (f"array {name}: the update takes a weight beyond what the float16 wire "
                     f"carries (65504); a federation that needs such weights runs with "
                     f"--wire float32"), {}, {}
+        for slot in (f for f in frozen if f.buffer == name):
+            part = values[slot.start:slot.stop]
+            if np.any(part != 0) if wire == "float16" else not np.array_equal(
+                    part, master[slot.start:slot.stop]):
+                return (f"array {name}: changes {slot.name}, which DP-SGD leaves as it is "
+                        "(dp.frozen=encoders)"), {}, {}
         for start, stop, tensor in variances.get(name, ()):
             # the site's own variance: its float32 values, or what it received (the model as
             # sent in float16) plus its update; a site at 0 stays at 0, not a rounding below
@@ -326,7 +334,8 @@ SiteOf = Callable[[Message], str]
 
 
 def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of: SiteOf,
-                  caps: dict[str, int], rules: UpdateRules, num_classes: int) -> Checked:
+                  caps: dict[str, int], rules: UpdateRules, num_classes: int,
+                  frozen: tuple[Slot, ...] = ()) -> Checked:
     """Training replies checked one by one, then the norm rule over the round, for each group
     of tensors; with ``rules.clip``, each group of each kept update is clipped to that multiple
     of the group's median norm (norm-bounded averaging). The kept replies' arrays are replaced
@@ -344,7 +353,7 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
                        or examples_problem(msg.content[METRICS][EXAMPLES],
                                            caps.get(site_of(msg))))
             if problem is None:
-                return decode_update(msg.content[ARRAYS], model, wire)
+                return decode_update(msg.content[ARRAYS], model, wire, frozen)
         except Exception as exc:  # whatever a reply holds, it never stops the round
             problem = f"unreadable reply ({type(exc).__name__}: {exc})"
         return problem, {}, {}

@@ -51,10 +51,12 @@ def _states_frozen(args: argparse.Namespace) -> bool:
 
 
 def configured(args: argparse.Namespace, stated: set[str] | None = None) -> Config:
-    """Preset < what --dp changes on the built-in synthetic set < --config < --set < flags."""
+    """Preset < what --dp changes on the built-in synthetic set (tiny preset) < --config <
+    --set < flags."""
     overrides = _overrides(args, stated)
     cfg = load_config(args.preset, args.config, overrides)
-    if cfg.dp.enabled and cfg.data.dataset == "synthetic" and not cfg.data.root:
+    if (cfg.dp.enabled and cfg.preset == "tiny" and cfg.data.dataset == "synthetic"
+            and not cfg.data.root):
         cfg = load_config(args.preset, args.config, overrides, defaults=DP_BUILT_IN)
     return cfg
 
@@ -74,6 +76,10 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     """Config, data source and run settings: a new run's from the flags, in an empty folder;
     a resumed run's from its checkpoint, with any flag stated again checked against it."""
     check_keep_checkpoints(args.keep_checkpoints)
+    if args.dp and (args.compare or args.mode != "federated"):
+        raise ValueError("--dp trains at the sites of a federation, each with its own privacy "
+                         "budget; --compare and --mode centralized/local have no such sites. "
+                         "Leave out --dp, or run the federation alone")
     flags = {**settings_from_args(args, ROUND_FLAGS)}
     extra = {"clients": args.clients, "fault": args.fault or ""}
     if args.resume:

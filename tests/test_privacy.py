@@ -300,10 +300,11 @@ def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: 
 
 
 def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
-        tmp_path: Path) -> None:
-    """--dp on the built-in synthetic set: 64 ROIs per site and one local epoch per round;
-    --config, --set and --local-epochs each still choose for themselves, and other data and
-    runs without DP keep the preset's."""
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dp on the built-in synthetic set (tiny preset): 64 ROIs per site and one local epoch
+    per round; --config, --set and --local-epochs each still choose for themselves, and other
+    data, other presets and runs without DP keep the preset's. --dp without a federation
+    (--compare, --mode centralized) is refused before anything is written."""
     from sim.driver import configured
     from sim.run import build_parser
 
@@ -320,17 +321,26 @@ def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
     mine.write_text("data:\n  synth_rois_per_site: 30\ntrain:\n  epochs: 2\n")
     assert data_and_epochs("--dp", "--config", str(mine)) == (30, 2)
     assert data_and_epochs("--dp", "--data", str(tmp_path)) == (12, 7)
+    paper = load_config("paper")
+    assert data_and_epochs("--dp", "--preset", "paper") == (paper.data.synth_rois_per_site,
+                                                            paper.train.epochs)
+    for other in (["--compare"], ["--mode", "centralized"]):  # no sites, no budgets: refused
+        assert sim_main(["--dp", *other, "--out", str(tmp_path / "refused")]) == 2
+        assert "--dp trains at the sites of a federation" in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
 
 
 def test_a_dp_simulation_on_the_built_in_set_starts_from_public_encoders(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """DP-SGD on the built-in synthetic set: the encoders come from a network trained without
     DP on another seed's synthetic set (no site's tile), trained once and then read from the
-    cache, and stay as they came; the run's numbers do not depend on whether it was cached."""
+    cache, and stay as they came, server-side DP noise or not; the run's numbers do not depend
+    on whether it was cached."""
     from egcmf_model.data.source import cache_dir
 
+    # server-side DP noise on top: the centre keeps the frozen encoders out of its reach
     args = ["--clients", "2", "--rounds", "1", "--variant", "unet", "--dp", "--epsilon", "50",
-            "--local-epochs", "1", "--set", "dp.public_epochs=1",
+            "--local-epochs", "1", "--set", "dp.public_epochs=1", "--server-dp-noise", "0.1",
             "--set", "data.synth_sites=2", "--set", "data.synth_rois_per_site=3"]
     out, again = tmp_path / "dp", tmp_path / "dp-again"
     with caplog.at_level("INFO", logger="sim"):

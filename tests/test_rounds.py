@@ -14,11 +14,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from egcmf_model.config import load_config
-from egcmf_model.engine import build_model, encoders
+from egcmf_model.engine import build_model, encoders, frozen_parameters
 from egcmf_model.packing import Layout
 from fl_common.wire import model_record, reply_record, view
 from fl_server.federation import Rounds, make_strategy, strategy_options
-from fl_server.global_model import GlobalModel, slots_under
+from fl_server.global_model import GlobalModel, slots_named
 from fl_server.recorder import RunRecorder
 from fl_server.settings import FederationSettings
 
@@ -40,14 +40,15 @@ EVALUATION = {"dice": 0.5, "miou": 0.4, "acc": 0.9, "loss": 0.3, "num-examples":
 
 
 def received(msg: Message) -> OrderedDict:
-    """The global model a message brings (float32 wire), as the network's state dict."""
-    return OrderedDict(LAYOUT.unpack({k: torch.from_numpy(np.array(view(a)))
+    """The global model a message brings, as the network's state dict (float32)."""
+    return OrderedDict(LAYOUT.unpack({k: torch.from_numpy(np.array(view(a), dtype=np.float32)
+                                      if view(a).dtype == np.float16 else np.array(view(a)))
                                       for k, a in msg.content["arrays"].items()}))
 
 
-def honest(msg: Message, site: str, **metrics) -> Message:
+def honest(msg: Message, site: str, *, keep: tuple[str, ...] = (), **metrics) -> Message:
     """A site that evaluates the model it receives (when asked) and trains (a small step of its
-    own), and answers in the schema."""
+    own; the tensors ``keep`` as they came), and answers in the schema."""
     content = {"site": ConfigRecord({"name": site})}
     if msg.metadata.message_type == "evaluate":
         return Message(content=RecordDict({**content, "metrics": MetricRecord(EVALUATION)}),
@@ -55,11 +56,13 @@ def honest(msg: Message, site: str, **metrics) -> Message:
     start = received(msg)
     g = torch.Generator().manual_seed(sum(map(ord, site)))
     state = OrderedDict((k, v + 0.01 * torch.rand(v.shape, generator=g)
-                         if v.is_floating_point() else v) for k, v in start.items())
+                         if v.is_floating_point() and k not in keep else v)
+                        for k, v in start.items())
     train = {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
              "site-weight": 1, "steps": 2, **metrics}
     reference = {k: view(a) for k, a in msg.content["arrays"].items()}
-    content.update({"arrays": reply_record(state, LAYOUT, reference, "float32"),
+    wire = "float16" if any(a.dtype == np.float16 for a in reference.values()) else "float32"
+    content.update({"arrays": reply_record(state, LAYOUT, reference, wire),
                     "metrics": MetricRecord(train)})
     if msg.content["config"].get("evaluate"):
         content["evaluation"] = MetricRecord(EVALUATION)
@@ -205,27 +208,47 @@ def test_server_side_dp_noise_never_leaves_a_negative_variance(tmp_path: Path) -
 
 
 def test_frozen_encoders_stay_as_they_are_whatever_the_round_does(tmp_path: Path) -> None:
-    """Encoders frozen under DP-SGD (public weights) are not moved by server-side DP noise,
-    nor by a site that trains them anyway: the centre takes them back from the model it sent.
-    The rest of the model still moves."""
-    frozen = slots_under(LAYOUT, ["conv"])  # here "conv" stands for the encoders
-    for dp in ({"server_dp_noise": 1.0, "server_dp_clip": 1.0}, {}):
-        np.random.seed(0)
-        rounds = _rounds(tmp_path / str(len(dp)), [honest, honest], **dp)
+    """Encoders frozen under DP-SGD (public weights): a site that sends them changed is
+    rejected, named in events.jsonl, on either wire; server-side DP noise does not move them
+    either (the centre takes them back from the model it sent). The rest still moves."""
+    frozen = slots_named(LAYOUT, ["conv.weight"])  # here conv stands for the encoders
+
+    def frozen_kept(msg: Message, site: str) -> Message:
+        return honest(msg, site, keep=("conv.weight",))
+
+    for wire in ("float32", "float16"):
+        rounds = _rounds(tmp_path / wire, [frozen_kept, frozen_kept, honest], wire=wire)
         rounds.frozen = frozen
         rounds.run(1)
-        state = rounds.model.state()
-        assert torch.equal(state["conv.weight"], _global()["conv.weight"]), dp
-        assert not torch.equal(state["bn.running_mean"], _global()["bn.running_mean"]), dp
+        rounds.recorder.flush()
+        events = [json.loads(x) for x in (tmp_path / wire / "events.jsonl").read_text()
+                  .splitlines()]
+        assert [(e["kind"], e["site"]) for e in events] == [("rejected", "site_3")], wire
+        assert "changes conv.weight, which DP-SGD leaves as it is" in events[0]["message"]
+        assert set(rounds.pending["sites"]) == {"site_1", "site_2"}
+        assert torch.equal(rounds.model.state()["conv.weight"], _global()["conv.weight"])
+        assert not torch.equal(rounds.model.state()["bn.running_mean"],
+                               _global()["bn.running_mean"])
+
+    np.random.seed(0)
+    dp = _rounds(tmp_path / "dp", [frozen_kept, frozen_kept], server_dp_noise=1.0,
+                 server_dp_clip=1.0)
+    dp.frozen = frozen
+    dp.run(1)
+    assert torch.equal(dp.model.state()["conv.weight"], _global()["conv.weight"])
+    assert not torch.equal(dp.model.state()["bn.running_mean"], _global()["bn.running_mean"])
 
 
-def test_the_frozen_slots_of_a_network_are_its_encoders_weights() -> None:
-    cfg = load_config("tiny", overrides=["model.norm=group"])
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_the_frozen_weights_of_a_network_are_its_encoders_parameters(norm: str) -> None:
+    cfg = load_config("tiny", overrides=[f"model.norm={norm}"])
     network = build_model(cfg.model, CLASSES)
-    slots = slots_under(Layout.of(network.state_dict()), encoders(network))
-    found = sum(s.stop - s.start for s in slots)
-    assert found == sum(p.numel() for m in encoders(network).values() for p in m.parameters())
-    assert 0 < found < sum(p.numel() for p in network.parameters())
+    slots = slots_named(Layout.of(network.state_dict()), frozen_parameters(network, "encoders"))
+    assert sum(s.stop - s.start for s in slots) == sum(
+        p.numel() for m in encoders(network).values() for p in m.parameters())
+    assert all(s.dtype.is_floating_point for s in slots)  # never BatchNorm's counters
+    assert 0 < len(slots) < len(list(network.parameters()))
+    assert frozen_parameters(network, "none") == set()
 
 
 def test_replies_built_to_crash_the_round_are_left_out_one_by_one(tmp_path: Path) -> None:
