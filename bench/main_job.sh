@@ -10,7 +10,7 @@
 #   python sim/run.py --clients 4 --rounds 6 --local-epochs 6 [--fault inflate:1|dropout:1|
 #                     reverse:1 [--norm-clip 0]]
 # Prints the pooled Dice of each run (initial, final, best) and its seconds.
-#   bash bench/main_job.sh                 # everything (about 20 minutes on 2 cores)
+#   bash bench/main_job.sh                 # everything (about 30 minutes on 2 cores)
 #   RUNS="main compare" bash bench/main_job.sh
 set -euo pipefail
 RUNS=${RUNS:-"main reproduce compare dp dp-none nofault inflate dropout reverse reverse-noclip"}

@@ -12,7 +12,7 @@ import yaml
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from egcmf_model.config import VARIANTS, load_config
+from egcmf_model.config import VARIANTS, PrivacyConfig, load_config
 from egcmf_model.data.source import open_sites
 from egcmf_model.data.synthetic import write_synthetic
 from egcmf_model.engine import build_model, forward, pick_device, train_epoch
@@ -301,8 +301,8 @@ def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: 
 
 def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--dp on the built-in synthetic set (tiny preset): 64 ROIs per site and one local epoch
-    per round; --config, --set and --local-epochs each still choose for themselves, and other
+    """--dp on the built-in synthetic set (tiny preset): 64 ROIs per site, one local epoch per
+    round and DP-SGD's step at 3e-2; --config, --set and --local-epochs each still choose for themselves, and other
     data, other presets and runs without DP keep the preset's. --dp without a federation
     (--compare, --mode centralized) is refused before anything is written."""
     from sim.driver import configured
@@ -310,6 +310,8 @@ def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
 
     def data_and_epochs(*argv: str) -> tuple[int, int]:
         cfg = configured(build_parser().parse_args(list(argv)))
+        built_in = cfg.dp.enabled and "--data" not in argv and "--preset" not in argv
+        assert cfg.dp.lr == (3e-2 if built_in else PrivacyConfig().lr), argv
         return cfg.data.synth_rois_per_site, cfg.train.epochs
 
     preset = load_config("tiny")
