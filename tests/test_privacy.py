@@ -302,9 +302,10 @@ def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: 
 def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--dp on the built-in synthetic set (tiny preset): 64 ROIs per site, one local epoch per
-    round and DP-SGD's step at 3e-2; --config, --set and --local-epochs each still choose for themselves, and other
-    data, other presets and runs without DP keep the preset's. --dp without a federation
-    (--compare, --mode centralized) is refused before anything is written."""
+    round and DP-SGD's step at 3e-2; --config, --set and --local-epochs each still choose for
+    themselves, and other data, other presets and runs without DP keep the preset's. --dp
+    without a federation (--compare, --mode centralized) is refused before anything is
+    written."""
     from sim.driver import configured
     from sim.run import build_parser
 
