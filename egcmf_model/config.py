@@ -104,8 +104,8 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0  # 0 = calibrated to spend epsilon over planned_rounds
     planned_rounds: int = 20  # rounds the noise is calibrated for
     # Under DP-SGD these replace train.batch_size and train.lr: each noisy step should average
-    # many examples (a site smaller than the batch takes one step per epoch over all its
-    # tiles), and fewer, larger steps spend the budget on less noise.
+    # many examples (a site with fewer than twice the batch takes one step per epoch over
+    # all its tiles), and fewer, larger steps spend the budget on less noise.
     batch_size: int = 32  # expected batch of Poisson sampling
     lr: float = 1e-2  # Adam
     # What DP-SGD leaves as it is: "encoders" when they come from public data (model.weights),

@@ -76,7 +76,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     """Config, data source and run settings: a new run's from the flags, in an empty folder;
     a resumed run's from its checkpoint, with any flag stated again checked against it."""
     check_keep_checkpoints(args.keep_checkpoints)
-    if args.dp and (args.compare or args.mode != "federated"):
+    if (args.compare or args.mode != "federated") and configured(args).dp.enabled:
         raise ValueError("--dp trains at the sites of a federation, each with its own privacy "
                          "budget; --compare and --mode centralized/local have no such sites. "
                          "Leave out --dp, or run the federation alone")

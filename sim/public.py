@@ -30,8 +30,9 @@ log = logging.getLogger("sim")
 PUBLIC_SEED_OFFSET = 777  # the public set's generator seed: the sites' seed + this
 # What --dp changes on the built-in synthetic set at the tiny preset, below --config, --set
 # and the flags (bench/RESULTS.md): each noisy step must average many tiles (the main job's 8
-# per site carry too little signal at epsilon 8); with batch 32 of 39 tiles, three local
-# epochs a round measured no better at three times the compute; and a run of 14 steps needs
+# per site carry too little signal at epsilon 8); with 39 tiles every step takes them all
+# (a site with fewer than twice the batch of 32 is sampled at rate 1), so three local epochs
+# a round measured no better at three times the compute; and a run of 14 steps needs
 # a larger step than DP-SGD's default 1e-2 (3e-2: a gain of 0.07-0.23 Dice over three seeds,
 # against 0.01-0.15).
 DP_BUILT_IN = ("data.synth_rois_per_site=64", "train.epochs=1", "dp.lr=3e-2")

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sim/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5, help="virtual hospitals (default 5)")
     p.add_argument("--local-epochs", type=int,
-                   help="epochs per round at each site (default: the preset's, 7 for tiny)")
+                   help="epochs per round at each site (default: the preset's, 7 for tiny; "
+                        "1 under --dp on the built-in synthetic set)")
     p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"))
     p.add_argument("--data", type=Path, help="data folder (default: generated synthetic set)")
     p.add_argument("--partition", choices=("iid", "dirichlet", "institution"))
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
                    help="DP-SGD at every site (Opacus; GroupNorm network); see --epsilon. "
-                        "On the built-in synthetic set: 64 ROIs per site and 1 local epoch "
-                        "(unless chosen with --set data.synth_rois_per_site=N, --local-epochs "
+                        "On the built-in synthetic set (tiny preset): 64 ROIs per site, 1 "
+                        "local epoch and dp.lr=3e-2 (unless chosen with --set, --local-epochs "
                         "or --config), and the encoders come from a network trained without "
                         "DP on public synthetic data (once, then cached; --set "
                         "dp.public_epochs=0: none), which DP-SGD leaves as they are")

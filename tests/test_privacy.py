@@ -327,8 +327,9 @@ def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
     paper = load_config("paper")
     assert data_and_epochs("--dp", "--preset", "paper") == (paper.data.synth_rois_per_site,
                                                             paper.train.epochs)
-    for other in (["--compare"], ["--mode", "centralized"]):  # no sites, no budgets: refused
-        assert sim_main(["--dp", *other, "--out", str(tmp_path / "refused")]) == 2
+    for other in (["--dp", "--compare"], ["--dp", "--mode", "centralized"],
+                  ["--set", "dp.enabled=true", "--set", "model.norm=group", "--compare"]):
+        assert sim_main([*other, "--out", str(tmp_path / "refused")]) == 2
         assert "--dp trains at the sites of a federation" in capsys.readouterr().err
         assert not (tmp_path / "refused").exists()
 

@@ -206,7 +206,6 @@ def test_server_side_dp_noise_never_leaves_a_negative_variance(tmp_path: Path) -
     assert (variance == 0).any()  # the noise did push some below 0
 
 
-
 def test_frozen_encoders_stay_as_they_are_whatever_the_round_does(tmp_path: Path) -> None:
     """Encoders frozen under DP-SGD (public weights): a site that sends them changed is
     rejected, named in events.jsonl, on either wire; server-side DP noise does not move them
