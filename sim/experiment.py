@@ -8,9 +8,12 @@ total number of epochs, both evaluated on every site's validation split with the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,28 @@ def _quiet_flower() -> None:
         flwr_log.addFilter(lambda record: "run_simulation" not in record.getMessage())
 
 
+@contextlib.contextmanager
+def _ray_with_warm_workers(init_args: dict[str, Any]) -> Iterator[None]:
+    """Ray as Flower's simulation would start it (the driver's ``sys.path`` for the workers),
+    whose workers import the site's code as they start (:mod:`fl_client.warm`); Flower uses
+    a Ray that is already running, and stops it when the simulation ends."""
+    import ray
+
+    if ray.is_initialized():  # the caller's own Ray: Flower uses it as it is
+        yield
+        return
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = path
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path},
+                          "worker_process_setup_hook": "fl_client.warm.prepare_worker"},
+             **init_args)
+    try:
+        yield
+    finally:
+        if ray.is_initialized():  # Flower stops it, unless the simulation never began
+            ray.shutdown()
+
+
 def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
     """The federation on Flower's simulation engine; writes the run folder, returns the summary."""
     from flwr.simulation import run_simulation
@@ -134,12 +159,14 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
                                   s.server_options).get("max-update-ratio", 0.0),
                               "state-dir": str(s.out / "site_state"),
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
+    init_args = {"num_cpus": os.cpu_count() or 1, "log_to_driver": False,
+                 "logging_level": "ERROR", "include_dashboard": False}
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False,
-                             "logging_level": "ERROR", "include_dashboard": False}}
+               "init_args": init_args}
     _quiet_flower()
-    run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
-                   backend_config=backend)
+    with _ray_with_warm_workers(init_args):
+        run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
+                       backend_config=backend)
     summary_path = s.out / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without a summary; see {s.out}/events.jsonl "
