@@ -156,3 +156,27 @@ def test_each_site_gets_one_model_message_per_round(tmp_path: Path, synth_root: 
     assert summary["final"]["round"] == 3
     assert summary["wire"] == "float16"  # the default
     assert set(summary["initial"]["sites"]) == {"client_00", "client_01"}
+
+
+def test_simulation_workers_import_the_site_code_as_they_start() -> None:
+    """The simulation's Ray workers import the ClientApp's modules when they start (while the
+    centre builds its initial model), not when round 1's message arrives; a plain Ray worker
+    does not. The simulation's own Ray is stopped afterwards."""
+    import ray
+
+    from sim.experiment import _ray_with_warm_workers
+
+    def site_code_loaded() -> bool:  # sent to the worker by value: it imports nothing itself
+        import sys
+        return "fl_client.client_app" in sys.modules
+
+    args = {"num_cpus": 1, "log_to_driver": False, "logging_level": "ERROR",
+            "include_dashboard": False}
+    with _ray_with_warm_workers(args):
+        assert ray.get(ray.remote(site_code_loaded).remote())
+    assert not ray.is_initialized()
+    ray.init(**args)
+    try:
+        assert not ray.get(ray.remote(site_code_loaded).remote())
+    finally:
+        ray.shutdown()
