@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import determinism
-from .config import Config, ModelConfig, TrainConfig
+from .config import Config, ModelConfig, PrivacyConfig, TrainConfig
 from .data.transforms import tumour_ids
 from .losses import EGCMFLoss
 from .metrics import SegmentationMetrics
@@ -62,10 +62,10 @@ def encoders(model: nn.Module) -> dict[str, VGGEncoder]:
     return {name: m for name, m in model.named_modules() if isinstance(m, VGGEncoder)}
 
 
-def frozen_parameters(model: nn.Module, frozen: str) -> set[str]:
-    """The names of the parameters that DP-SGD leaves as they are under ``dp.frozen``: the
-    encoders' with ``"encoders"``, none with ``"none"``."""
-    if frozen != "encoders":
+def frozen_parameters(model: nn.Module, dp: PrivacyConfig) -> set[str]:
+    """The names of the parameters that no site trains: the encoders' when DP-SGD runs with
+    ``dp.frozen="encoders"``, none otherwise."""
+    if not (dp.enabled and dp.frozen == "encoders"):
         return set()
     return {f"{name}.{param}" for name, module in encoders(model).items()
             for param, _ in module.named_parameters()}

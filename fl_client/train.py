@@ -66,9 +66,9 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     ``seed``). With ``cfg.train.skip`` (benchmarks of the federation's own cost) nothing is
     trained: :func:`stand_in_update` moves the weights.
     """
+    frozen = frozen_parameters(model, cfg.dp)
     if cfg.train.skip:
-        stand_in_update(model, seed,
-                        keep=frozen_parameters(model, cfg.dp.frozen) if cfg.dp.enabled else set())
+        stand_in_update(model, seed, keep=frozen)
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
                 "epsilon": NO_DP, "site-weight": 1, "steps": 0}
     if steps is not None and cfg.dp.enabled:
@@ -82,7 +82,7 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         generator, noise = dp_generators(seed if dp_seeded else None, device)
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator)
-    trainable = set_trainable(model, cfg.dp.frozen if cfg.dp.enabled else "none")
+    trainable = set_trainable(model, frozen)
     optimizer = torch.optim.Adam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
         add_proximal_term(optimizer, proximal_mu)
@@ -122,13 +122,12 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
             "steps": done}
 
 
-def set_trainable(model: torch.nn.Module, frozen: str) -> list[torch.nn.Parameter]:
-    """The parameters to train: all, or with ``frozen="encoders"`` all but the encoders'
-    (which then keep the weights they came with)."""
-    fixed = frozen_parameters(model, frozen)
+def set_trainable(model: torch.nn.Module, frozen: set[str]) -> list[torch.nn.Parameter]:
+    """The parameters to train: all but those named in ``frozen`` (which then keep the
+    weights they came with)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name not in fixed)
-    return [p for name, p in model.named_parameters() if name not in fixed]
+        param.requires_grad_(name not in frozen)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_SCALE,

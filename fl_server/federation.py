@@ -101,8 +101,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         restore_strategy_state(strategy, payload.get("strategy_state", {}))
     layout = Layout.of(network.state_dict())
     model = GlobalModel.of_state(layout, network.state_dict())
-    frozen = slots_named(layout, frozen_parameters(network, cfg.dp.frozen)
-                         if cfg.dp.enabled else ())
+    frozen = slots_named(layout, frozen_parameters(network, cfg.dp))
     del network
     config_yaml = to_yaml(cfg)
     config = ConfigRecord({"egcmf-config": config_yaml, "wire": settings.wire,

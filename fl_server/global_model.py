@@ -72,11 +72,10 @@ class GlobalModel:
         return GlobalModel(self.layout, model_record(floats), self.ints), count
 
     def keeping(self, previous: GlobalModel, slots: tuple[Slot, ...]) -> GlobalModel:
-        """This model with the float values of ``slots`` taken back from ``previous``: for
-        weights no site trains (encoders frozen under DP-SGD), which server-side DP noise (and
-        the rounding of an average) would otherwise move. Using ``previous``, which the sites
-        already hold, is post-processing: no privacy spent."""
-        slots = tuple(s for s in slots if kind(s.buffer) == FLOAT)
+        """This model with the values of ``slots`` (float weights) taken back from
+        ``previous``: for weights no site trains (encoders frozen under DP-SGD), which
+        server-side DP noise (and the rounding of an average) would otherwise move. Using
+        ``previous``, which the sites already hold, is post-processing: no privacy spent."""
         if all(np.array_equal(self.values[s.buffer][s.start:s.stop],
                               previous.values[s.buffer][s.start:s.stop]) for s in slots):
             return self

@@ -262,9 +262,10 @@ def decode_update(record: ArrayRecord, model: GlobalModel, wire: str,
                     f"carries (65504); a federation that needs such weights runs with "
                     f"--wire float32"), {}, {}
         for slot in (f for f in frozen if f.buffer == name):
-            part = values[slot.start:slot.stop]
-            if np.any(part != 0) if wire == "float16" else not np.array_equal(
-                    part, master[slot.start:slot.stop]):
+            part = values[slot.start:slot.stop]  # float16: an update; float32: the weights
+            unchanged = (not part.any() if wire == "float16"
+                         else np.array_equal(part, master[slot.start:slot.stop]))
+            if not unchanged:
                 return (f"array {name}: changes {slot.name}, which DP-SGD leaves as it is "
                         "(dp.frozen=encoders)"), {}, {}
         for start, stop, tensor in variances.get(name, ()):

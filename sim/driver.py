@@ -22,7 +22,7 @@ from fl_server.settings import (
 from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
-from .public import DP_BUILT_IN, with_public_encoders
+from .public import DP_BUILT_IN, built_in_synthetic, with_public_encoders
 
 log = logging.getLogger("sim")
 
@@ -55,16 +55,14 @@ def configured(args: argparse.Namespace, stated: set[str] | None = None) -> Conf
     --set < flags."""
     overrides = _overrides(args, stated)
     cfg = load_config(args.preset, args.config, overrides)
-    if (cfg.dp.enabled and cfg.preset == "tiny" and cfg.data.dataset == "synthetic"
-            and not cfg.data.root):
+    if cfg.dp.enabled and cfg.preset == "tiny" and built_in_synthetic(cfg):
         cfg = load_config(args.preset, args.config, overrides, defaults=DP_BUILT_IN)
     return cfg
 
 
-def _fresh_config(args: argparse.Namespace, stated: set[str] | None) -> Config:
-    """:func:`configured`, fitted to the data (its classes; the H&E branch for data without
+def _fitted(args: argparse.Namespace, cfg: Config) -> Config:
+    """``cfg`` fitted to its data (the data's classes; the H&E branch for data without
     CK5/6)."""
-    cfg = configured(args, stated)
     source = open_source(cfg.data, 4 * cfg.model.in_size)
     fixes = [f"data.classes=[{', '.join(source.classes)}]"]
     if args.variant is None and not source.has_ck56:
@@ -76,17 +74,18 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     """Config, data source and run settings: a new run's from the flags, in an empty folder;
     a resumed run's from its checkpoint, with any flag stated again checked against it."""
     check_keep_checkpoints(args.keep_checkpoints)
-    if (args.compare or args.mode != "federated") and configured(args).dp.enabled:
-        raise ValueError("--dp trains at the sites of a federation, each with its own privacy "
-                         "budget; --compare and --mode centralized/local have no such sites. "
-                         "Leave out --dp, or run the federation alone")
     flags = {**settings_from_args(args, ROUND_FLAGS)}
     extra = {"clients": args.clients, "fault": args.fault or ""}
     if args.resume:
         cfg, settings, extra = _resumed(args, flags, extra)
     else:
         check_new(args.out)
-        cfg, settings = _fresh_config(args, None), run_defining(flags)
+        cfg = configured(args)
+        if cfg.dp.enabled and (args.compare or args.mode != "federated"):
+            raise ValueError("--dp trains at the sites of a federation, each with its own "
+                             "privacy budget; --compare and --mode centralized/local have no "
+                             "such sites. Leave out --dp, or run the federation alone")
+        cfg, settings = _fitted(args, cfg), run_defining(flags)
     problem = protection_problem(settings["strategy"], extra["clients"],
                                  settings["trim-fraction"], settings["krum-f"])
     if problem:
@@ -116,7 +115,8 @@ def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, A
     stated = getattr(args, "given", None)
     stated = set(vars(args)) if stated is None else stated
     ref, settings, changes = resumed(
-        args.out, stated, lambda: with_public_encoders(_fresh_config(args, stated), train=False,
+        args.out, stated, lambda: with_public_encoders(_fitted(args, configured(args, stated)),
+                                                       train=False,
                                                        freeze=not _states_frozen(args)),
         _overrides(args, stated),
         {k: v for k, v in run_defining(flags).items() if k.replace("-", "_") in stated})

@@ -39,13 +39,18 @@ DP_BUILT_IN = ("data.synth_rois_per_site=64", "train.epochs=1", "dp.lr=3e-2")
 PUBLIC_RECIPE = 1  # raise when the public network's training changes (renames its cache)
 
 
+def built_in_synthetic(cfg: Config) -> bool:
+    """Whether ``cfg`` trains on the built-in synthetic set (generated, not a folder given)."""
+    return cfg.data.dataset == "synthetic" and not cfg.data.root
+
+
 def with_public_encoders(cfg: Config, train: bool = True, freeze: bool = True) -> Config:
     """``cfg`` with its encoders from the public network, where it applies: DP-SGD on the
     built-in synthetic set, no ``model.weights`` given, ``dp.public_epochs`` > 0; frozen
     under DP unless ``freeze`` is False (the user chose ``dp.frozen`` for themselves).
     ``train=False``: where the network is or would be, without training it."""
     if not (cfg.dp.enabled and cfg.dp.public_epochs > 0 and not cfg.model.weights
-            and cfg.data.dataset == "synthetic" and not cfg.data.root):
+            and built_in_synthetic(cfg)):
         return cfg
     path = public_network(cfg) if train else public_folder(public_config(cfg)) / "best.pt"
     return apply_overrides(cfg, [f"model.weights={path}",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from egcmf_model.config import load_config
+from egcmf_model.config import PrivacyConfig, load_config
 from egcmf_model.engine import build_model, encoders, frozen_parameters
 from egcmf_model.packing import Layout
 from fl_common.wire import model_record, reply_record, view
@@ -242,12 +242,14 @@ def test_frozen_encoders_stay_as_they_are_whatever_the_round_does(tmp_path: Path
 def test_the_frozen_weights_of_a_network_are_its_encoders_parameters(norm: str) -> None:
     cfg = load_config("tiny", overrides=[f"model.norm={norm}"])
     network = build_model(cfg.model, CLASSES)
-    slots = slots_named(Layout.of(network.state_dict()), frozen_parameters(network, "encoders"))
+    frozen = PrivacyConfig(enabled=True, frozen="encoders")
+    slots = slots_named(Layout.of(network.state_dict()), frozen_parameters(network, frozen))
     assert sum(s.stop - s.start for s in slots) == sum(
         p.numel() for m in encoders(network).values() for p in m.parameters())
     assert all(s.dtype.is_floating_point for s in slots)  # never BatchNorm's counters
     assert 0 < len(slots) < len(list(network.parameters()))
-    assert frozen_parameters(network, "none") == set()
+    assert frozen_parameters(network, PrivacyConfig(enabled=True)) == set()
+    assert frozen_parameters(network, PrivacyConfig(frozen="encoders")) == set()  # no DP-SGD
 
 
 def test_replies_built_to_crash_the_round_are_left_out_one_by_one(tmp_path: Path) -> None:
