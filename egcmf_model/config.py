@@ -108,6 +108,10 @@ class PrivacyConfig:
     # all its tiles), and fewer, larger steps spend the budget on less noise.
     batch_size: int = 32  # expected batch of Poisson sampling
     lr: float = 1e-2  # Adam
+    # Each tile's gradient is the mean over this many orientations of it (1 to 8), taken
+    # before clipping: a steadier direction per tile at no privacy cost, this many times the
+    # compute (augmentation multiplicity; needs data.augment)
+    augmentations: int = 1
     # What DP-SGD leaves as it is: "encoders" when they come from public data (model.weights),
     # so the noise falls on fewer weights; "none" trains everything.
     frozen: str = field(default="none", metadata=_choice("none", "encoders"))
@@ -161,6 +165,12 @@ def check_together(cfg: Config) -> Config:
                           "with model.norm=group)")
     if cfg.dp.public_epochs < 0:
         raise ConfigError(f"dp.public_epochs must be 0 or more, not {cfg.dp.public_epochs}")
+    if not 1 <= cfg.dp.augmentations <= 8:  # 4 rotations, each flipped or not
+        raise ConfigError("dp.augmentations must be 1 to 8 (the distinct orientations of a "
+                          f"tile), not {cfg.dp.augmentations}")
+    if cfg.dp.augmentations > 1 and not cfg.data.augment:
+        raise ConfigError("dp.augmentations averages over orientations of each tile: it needs "
+                          "data.augment=true")
     return cfg
 
 

@@ -188,9 +188,11 @@ def train_epoch(
     on_empty: Callable[[], None] | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     speed: GpuSpeed = GpuSpeed(),
+    before_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term, ``num-examples`` and
-    ``steps`` (optimiser steps taken). ``scheduler`` steps after every optimiser step.
+    ``steps`` (optimiser steps taken). ``scheduler`` steps after every optimiser step;
+    ``before_step`` runs between the backward pass and the optimiser's step.
 
     Poisson sampling (DP-SGD) can draw an empty batch, which its loader yields as ``None``:
     ``on_empty`` runs in its place (the noise-only step), and the batch counts towards no mean.
@@ -210,6 +212,8 @@ def train_epoch(
         with speed.autocast(device):
             loss, parts = loss_fn(forward(model, batch), batch)
         loss.backward()
+        if before_step is not None:
+            before_step()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_model, save_checkpoint
 from .config import Config
-from .data.dataset import RoiDataset
+from .data.dataset import RoiDataset, collate_views
 from .data.io import DataError
 from .data.source import DataSource, RoiRecord, open_source
 from .engine import (
@@ -31,16 +31,22 @@ log = logging.getLogger(__name__)
 
 
 def make_loader(records: Sequence[RoiRecord], classes: tuple[str, ...], cfg: Config, train: bool,
-                generator: torch.Generator | None = None) -> DataLoader:
-    """DataLoader of :class:`RoiDataset` tiles; shuffled and augmented when ``train``."""
+                generator: torch.Generator | None = None, views: int = 1) -> DataLoader:
+    """DataLoader of :class:`RoiDataset` tiles; shuffled and augmented when ``train``.
+
+    ``views`` > 1 (training only): each tile comes as that many orientations, one after the
+    other in the batch, which then holds ``views`` rows per tile."""
+    augment = train and cfg.data.augment
+    views = views if augment else 1
     dataset = RoiDataset(records, classes, cfg.model.in_size, edge_kind=cfg.loss.edge_target,
-                         edge_band=cfg.loss.edge_band, augment=train and cfg.data.augment,
-                         stain_jitter=cfg.data.stain_jitter, seed=cfg.train.seed)
+                         edge_band=cfg.loss.edge_band, augment=augment,
+                         stain_jitter=cfg.data.stain_jitter, seed=cfg.train.seed, views=views)
     if not len(dataset):
         raise DataError(f"no usable ROI for {'training' if train else 'evaluation'}")
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=train,
                       generator=generator, num_workers=cfg.train.num_workers,
-                      drop_last=train and len(dataset) > cfg.train.batch_size)
+                      drop_last=train and len(dataset) > cfg.train.batch_size,
+                      collate_fn=collate_views if views > 1 else None)
 
 
 def open_data(cfg: Config) -> DataSource:

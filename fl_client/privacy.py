@@ -95,6 +95,21 @@ def noise_only_step(optimizer: DPOptimizer) -> Callable[[], None]:
     return step
 
 
+def average_views(optimizer: DPOptimizer, views: int) -> Callable[[], None]:
+    """Before DP-SGD clips: each tile's per-sample gradient becomes the mean over its
+    ``views`` orientations (consecutive rows of the batch; ``make_loader(views=...)``).
+
+    Clipping then bounds each tile's whole contribution by the clipping norm, as for one
+    view, so the privacy accounting is unchanged; the mean over orientations points more
+    steadily than any one of them (augmentation multiplicity, De et al. 2022).
+    """
+    def average() -> None:
+        for p in optimizer.params:
+            grads = p.grad_sample
+            p.grad_sample = grads.unflatten(0, (grads.shape[0] // views, views)).mean(1)
+    return average
+
+
 def dp_generators(seed: int | None, device: torch.device
                   ) -> tuple[torch.Generator, torch.Generator]:
     """DP-SGD's two sources of randomness, separate: Poisson sampling's generator (on the CPU,

@@ -28,7 +28,13 @@ from egcmf_model.engine import (
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 
-from .privacy import PrivacyLedger, dp_generators, make_private, noise_only_step
+from .privacy import (
+    PrivacyLedger,
+    average_views,
+    dp_generators,
+    make_private,
+    noise_only_step,
+)
 
 log = logging.getLogger(__name__)
 NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
@@ -80,8 +86,9 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     noise = None
     if cfg.dp.enabled:
         generator, noise = dp_generators(seed if dp_seeded else None, device)
+    views = cfg.dp.augmentations if cfg.dp.enabled else 1
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
-                         generator=generator)
+                         generator=generator, views=views)
     trainable = set_trainable(model, frozen)
     optimizer = torch.optim.Adam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
@@ -89,13 +96,16 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     loss_fn = training_loss(cfg)
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    examples, trained, engine, on_empty = len(loader.dataset), model, None, None
+    examples, trained, engine = len(loader.dataset), model, None
+    on_empty = before_step = None
     if cfg.dp.enabled:
         if ledger is None:
             raise ValueError("DP-SGD needs a privacy ledger (the site's state folder)")
         trained, optimizer, loader, engine = make_private(model, optimizer, loader, cfg.dp,
                                                           ledger, cfg.train.epochs, site, noise)
         on_empty = noise_only_step(optimizer)
+        if views > 1:
+            before_step = average_views(optimizer, views)
     total = steps if steps is not None else cfg.train.epochs * len(loader)
     scheduler = lr_schedule(optimizer, cfg.train.lr_schedule, progress, total)
     done = epoch = 0
@@ -104,7 +114,7 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         batches = loader if steps is None else itertools.islice(loader, steps - done)
         stats = train_epoch(trained, batches, optimizer, device, loss_fn,
                             on_empty=on_empty, scheduler=scheduler,
-                            speed=GpuSpeed.of(cfg.train))
+                            speed=GpuSpeed.of(cfg.train), before_step=before_step)
         done, epoch = done + stats["steps"], epoch + 1
         if not stats["steps"]:
             break

@@ -96,3 +96,8 @@ def test_fields_checked_together_may_come_from_any_layer_in_any_order(tmp_path) 
         load_config("tiny", overrides=["train.lr=1", "train.lr.x=2"])
     with pytest.raises(ConfigError, match=r"dp\.public_epochs must be 0 or more"):
         load_config("tiny", overrides=["dp.public_epochs=-1"])
+    for views in (0, 9):
+        with pytest.raises(ConfigError, match=rf"dp\.augmentations must be 1 to 8.*not {views}"):
+            load_config("tiny", overrides=[f"dp.augmentations={views}"])
+    with pytest.raises(ConfigError, match=r"dp\.augmentations .* needs data\.augment=true"):
+        load_config("tiny", overrides=["dp.augmentations=2", "data.augment=false"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from egcmf_model.trainer import make_loader
 from fl_client.privacy import (
     BudgetExhausted,
     PrivacyLedger,
+    average_views,
     dp_generators,
     make_private,
     noise_only_step,
@@ -208,6 +210,56 @@ def test_no_samples_gradient_depends_on_another(variant: str, synth_root: Path) 
     pooled = EGCMFLoss(cfg.loss.gamma, per_sample=False)
     first, second = (_per_sample_grads(model, pair(0, j), pooled) for j in (1, 2))
     assert max(float((a - b).abs().max()) for a, b in zip(first, second, strict=True)) > 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_each_tiles_gradient_is_the_mean_over_its_own_orientations(synth_root: Path) -> None:
+    """``dp.augmentations=4``: a tile comes as four distinct orientations, side by side in
+    the batch, and the gradient DP-SGD clips for it is the mean of its four views'
+    per-sample gradients, each computed with the tile alone, so no other tile enters it."""
+    views = 4
+    cfg = load_config("tiny", overrides=["model.variant=unet", "model.norm=group",
+                                         "dp.enabled=true", f"dp.augmentations={views}"])
+    source = open_sites(synth_root / "site_01")
+    loader = make_loader(source.records, source.classes, cfg, train=True, views=views)
+    tiles = [loader.dataset[i] for i in range(2)]
+    assert tiles[0]["he"].shape[0] == views
+    assert len({v.numpy().tobytes() for v in tiles[0]["he"]}) == views  # all distinct
+    batch = loader.collate_fn(tiles)
+    assert batch["he"].shape[0] == 2 * views
+    assert batch["roi"] == [tiles[0]["roi"]] * views + [tiles[1]["roi"]] * views
+    torch.manual_seed(0)
+    model = GradSampleModule(build_model(cfg.model, source.classes))
+    loss_fn = training_loss(cfg)
+    inputs = {k: v for k, v in batch.items() if k != "roi"}
+    model.zero_grad(set_to_none=True)
+    loss_fn(forward(model, inputs), inputs)[0].backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    average_views(SimpleNamespace(params=params), views)()
+    assert all(p.grad_sample.shape[0] == 2 for p in params)
+    folded = [p.grad_sample[0].clone() for p in params]
+    alone = [_per_sample_grads(model, {k: v[i : i + 1] for k, v in inputs.items()}, loss_fn)
+             for i in range(views)]
+    for got, *each in zip(folded, *alone, strict=True):
+        torch.testing.assert_close(got, torch.stack(each).mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_orientations_cost_no_privacy(synth_root: Path, tmp_path: Path) -> None:
+    """Averaging over orientations spends what one view spends: the same noise, sample rate
+    and steps in the ledger, the same epsilon; only the step differs."""
+    start = None
+    runs = {}
+    for views in (1, 4):
+        cfg, source, model = _setup(synth_root, f"dp.augmentations={views}")
+        start = start or {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(start)
+        ledger = PrivacyLedger(tmp_path / f"{views}.json")
+        metrics = local_train(model, source.split("train"), source.classes, cfg,
+                              pick_device("cpu"), seed=1, ledger=ledger, site="a",
+                              dp_seeded=True)
+        runs[views] = (ledger.history, metrics["epsilon"], model.state_dict())
+    assert runs[1][:2] == runs[4][:2]
+    assert any(not torch.equal(v, runs[4][2][k]) for k, v in runs[1][2].items())
 
 
 def test_only_a_simulation_can_replay_dp_noise_and_sampling() -> None:

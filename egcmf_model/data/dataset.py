@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .io import IGNORE_INDEX, DataError, image_size, read_rgb
 from .source import RoiRecord
 from .transforms import (
+    ORIENTATIONS,
     SCALE,
     augment,
     edge_input,
@@ -51,11 +52,12 @@ class RoiDataset(Dataset):
         augment: bool = False,
         stain_jitter: float = 0.0,
         seed: int = 0,
+        views: int = 1,
     ) -> None:
         self.classes, self.in_size, self.tile = classes, in_size, in_size * SCALE
         self.edge_kind, self.edge_band = edge_kind, edge_band
         self.augment, self.stain_jitter = augment, stain_jitter
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.views = seed, 0, views
         sized = [(r, size) for r in records if (size := self._size(r)) is not None]
         self.records = [r for r, _ in sized]
         self.tiles = [
@@ -107,6 +109,14 @@ class RoiDataset(Dataset):
             arrays["ck56"] = read_rgb(record.ck56)
         # White for RGB, and 255 = IGNORE_INDEX for the mask: one pad value serves both.
         arrays = {k: pad_to(a[y : y + t, x : x + t], t, IGNORE_INDEX) for k, a in arrays.items()}
+        if self.views > 1:  # distinct orientations of one tile, stacked (see collate_views)
+            rng = np.random.default_rng([self.seed, self.epoch, tile])
+            first = int(rng.integers(ORIENTATIONS))
+            views = [self.sample(augment(arrays, rng, self.stain_jitter,
+                                         (first + view) % ORIENTATIONS), record.roi_id)
+                     for view in range(self.views)]
+            return {k: record.roi_id if k == "roi" else torch.stack([v[k] for v in views])
+                    for k in views[0]}
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, tile])
             arrays = augment(arrays, rng, self.stain_jitter)
@@ -133,3 +143,13 @@ class RoiDataset(Dataset):
             "mask_40x": torch.from_numpy(arrays["mask"].astype(np.int64)),
             "roi": roi_id,
         }
+
+
+def collate_views(items: list[dict[str, torch.Tensor | str]]
+                  ) -> dict[str, torch.Tensor | list[str]]:
+    """A batch of the stacked views of :class:`RoiDataset` (``views`` > 1) as one flat batch:
+    the views of item i are rows ``i * views`` to ``(i + 1) * views - 1``."""
+    batch = default_collate(items)
+    views = batch["he"].shape[1]
+    return {k: [roi for roi in v for _ in range(views)] if k == "roi" else v.flatten(0, 1)
+            for k, v in batch.items()}

@@ -72,11 +72,20 @@ def pad_to(array: np.ndarray, side: int, value: int) -> np.ndarray:
     return np.pad(array, pad, constant_values=value)
 
 
+ORIENTATIONS = 8  # four 90-degree rotations, each with and without a flip
+
+
 def augment(
-    arrays: dict[str, np.ndarray], rng: np.random.Generator, stain_jitter: float = 0.0
+    arrays: dict[str, np.ndarray], rng: np.random.Generator, stain_jitter: float = 0.0,
+    orientation: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """The same flip and 90-degree rotation for every array; optional HED jitter of RGB stains."""
-    k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+    """The same flip and 90-degree rotation for every array; optional HED jitter of RGB stains.
+
+    ``orientation`` (0 to 7) picks the rotation and flip; None draws them from ``rng``."""
+    if orientation is None:
+        k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+    else:
+        k, flip = orientation % 4, orientation // 4 % 2 == 1
     out = {}
     for key, array in arrays.items():
         array = np.rot90(array, k, axes=(0, 1))
@@ -88,5 +97,5 @@ def augment(
     return out
 
 
-__all__ = ["IGNORE_INDEX", "SCALE", "augment", "edge_input", "edge_target", "mask_to_10x",
-           "normalise_rgb", "pad_to", "tile_origins", "to_10x", "tumour_ids"]
+__all__ = ["IGNORE_INDEX", "ORIENTATIONS", "SCALE", "augment", "edge_input", "edge_target",
+           "mask_to_10x", "normalise_rgb", "pad_to", "tile_origins", "to_10x", "tumour_ids"]
