@@ -5,8 +5,8 @@
 #   python sim/run.py --clients 5 --rounds 14 --seed 0   (the README's "Reproduce" line: the same)
 #   python sim/run.py --compare --clients 5 --budget steps
 #   python sim/run.py --clients 5 --dp --epsilon 8
-#   python sim/run.py --clients 5 --set model.norm=group --set data.synth_rois_per_site=64 \
-#                     --local-epochs 1     (the same run without DP: its data and schedule)
+#   python sim/run.py --clients 5 --set model.norm=group --local-epochs 1
+#                     (the same run without DP: its network's norm, its local epochs)
 #   python sim/run.py --clients 4 --rounds 6 --local-epochs 6 [--fault inflate:1|dropout:1|
 #                     reverse:1 [--norm-clip 0]]
 # Prints the pooled Dice of each run (initial, final, best) and its seconds.
@@ -49,8 +49,7 @@ for run in $RUNS; do
     reproduce) one reproduce --clients 5 --rounds 14 --seed 0 ;;
     compare) one compare --compare --clients 5 --budget steps ;;
     dp) one dp --clients 5 --dp --epsilon 8 ;;
-    dp-none) one dp-none --clients 5 --set model.norm=group --set data.synth_rois_per_site=64 \
-      --local-epochs 1 ;;
+    dp-none) one dp-none --clients 5 --set model.norm=group --local-epochs 1 ;;
     nofault) one nofault --clients 4 --rounds 6 --local-epochs 6 ;;
     inflate) one inflate --clients 4 --rounds 6 --local-epochs 6 --fault inflate:1 ;;
     dropout) one dropout --clients 4 --rounds 6 --local-epochs 6 --fault dropout:1 ;;

@@ -107,7 +107,11 @@ class PrivacyConfig:
     # many examples (a site with fewer than twice the batch takes one step per epoch over
     # all its tiles), and fewer, larger steps spend the budget on less noise.
     batch_size: int = 32  # expected batch of Poisson sampling
-    lr: float = 1e-2  # Adam
+    lr: float = 1e-2
+    # A site's optimiser starts afresh every round, and Adam's first step moves every weight
+    # by the same lr, signal or noise alike: with one or a few steps a round, "sgd" (a step
+    # along the noisy gradient) learns more (bench/RESULTS.md), at about 10x Adam's lr
+    optimizer: str = field(default="adam", metadata=_choice("adam", "sgd"))
     # Each tile's gradient is the mean over this many orientations of it (1 to 8), taken
     # before clipping: a steadier direction per tile at no privacy cost, this many times the
     # compute (augmentation multiplicity; needs data.augment)

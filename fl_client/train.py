@@ -62,7 +62,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
                 progress: tuple[float, float] | None = None, steps: int | None = None,
                 dp_seeded: bool = False) -> dict[str, float]:
     """``cfg.train.epochs`` local epochs of Adam on ``records`` (or exactly ``steps`` optimiser
-    steps); mean loss of the last epoch, ``num-examples`` and ``steps``.
+    steps; under DP-SGD, ``cfg.dp.optimizer``); mean loss of the last epoch, ``num-examples``
+    and ``steps``.
 
     ``seed`` drives shuffling and augmentation. ``progress``: the fraction of the whole run
     done before and after this call, which places it on ``cfg.train.lr_schedule`` (a
@@ -90,7 +91,9 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator, views=views)
     trainable = set_trainable(model, frozen)
-    optimizer = torch.optim.Adam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sgd = cfg.dp.enabled and cfg.dp.optimizer == "sgd"
+    optimizer = (torch.optim.SGD if sgd else torch.optim.Adam)(
+        trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if proximal_mu > 0:
         add_proximal_term(optimizer, proximal_mu)
     loss_fn = training_loss(cfg)

@@ -262,6 +262,29 @@ def test_orientations_cost_no_privacy(synth_root: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(v, runs[4][2][k]) for k, v in runs[1][2].items())
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_dp_sgd_steps_along_the_noisy_gradient_where_adam_steps_by_its_sign(
+        synth_root: Path, tmp_path: Path) -> None:
+    """One DP step from the same weights with the same seeded noise: Adam's first step (every
+    round starts one) moves each weight by lr, whatever its gradient; ``dp.optimizer=sgd``
+    moves it in the same direction by lr times its noisy gradient."""
+    lr, start, moved = 1e-3, None, {}
+    for kind in ("adam", "sgd"):
+        cfg, source, model = _setup(synth_root, f"dp.optimizer={kind}", f"dp.lr={lr}")
+        start = start or {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(start)
+        local_train(model, source.split("train"), source.classes, cfg, pick_device("cpu"),
+                    seed=1, ledger=PrivacyLedger(tmp_path / f"{kind}.json"), site="a",
+                    dp_seeded=True)
+        moved[kind] = torch.cat([(p.detach() - start[n]).flatten()
+                                 for n, p in model.named_parameters()])
+    adam, sgd = moved["adam"], moved["sgd"]
+    assert torch.allclose(adam.abs(), torch.full_like(adam, lr), rtol=1e-2)
+    assert torch.equal(adam.sign(), sgd.sign())
+    steps = sgd.abs() / lr  # the noisy gradient's magnitude, weight by weight
+    assert float(steps.max() / steps.min()) > 10
+
+
 def test_only_a_simulation_can_replay_dp_noise_and_sampling() -> None:
     """Deployment (no seed): sampling and noise draw from the OS's entropy, differently each
     time; simulation: both follow the seed. The two streams are separate generators."""
@@ -351,34 +374,38 @@ def test_dp_sgd_leaves_frozen_encoders_as_they_came(synth_root: Path, tmp_path: 
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in fixed)
 
 
-def test_dp_on_the_built_in_set_has_more_rois_and_one_local_epoch_unless_told(
+def test_dp_on_the_built_in_set_takes_its_recipe_unless_told(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--dp on the built-in synthetic set (tiny preset): 64 ROIs per site, one local epoch per
-    round and DP-SGD's step at 3e-2; --config, --set and --local-epochs each still choose for
-    themselves, and other data, other presets and runs without DP keep the preset's. --dp
-    without a federation (--compare, --mode centralized) is refused before anything is
-    written."""
+    """--dp on the built-in synthetic set (tiny preset), on the main job's own data: one local
+    epoch per round, SGD at 0.2, each tile's gradient averaged over its 8 orientations;
+    --config, --set and --local-epochs each still choose for themselves, and other data, other
+    presets and runs without DP keep the preset's. --dp without a federation (--compare,
+    --mode centralized) is refused before anything is written."""
     from sim.driver import configured
     from sim.run import build_parser
 
-    def data_and_epochs(*argv: str) -> tuple[int, int]:
+    def recipe(*argv: str) -> tuple[int, int, str, float, int]:
         cfg = configured(build_parser().parse_args(list(argv)))
-        built_in = cfg.dp.enabled and "--data" not in argv and "--preset" not in argv
-        assert cfg.dp.lr == (3e-2 if built_in else PrivacyConfig().lr), argv
-        return cfg.data.synth_rois_per_site, cfg.train.epochs
+        return (cfg.data.synth_rois_per_site, cfg.train.epochs, cfg.dp.optimizer, cfg.dp.lr,
+                cfg.dp.augmentations)
 
-    preset = load_config("tiny")
-    assert data_and_epochs() == (preset.data.synth_rois_per_site, preset.train.epochs) == (12, 7)
-    assert data_and_epochs("--dp") == (64, 1)
-    assert data_and_epochs("--dp", "--set", "data.synth_rois_per_site=20") == (20, 1)
-    assert data_and_epochs("--dp", "--local-epochs", "4") == (64, 4)
+    preset, dp = load_config("tiny"), PrivacyConfig()
+    own = (preset.data.synth_rois_per_site, preset.train.epochs, dp.optimizer, dp.lr,
+           dp.augmentations)
+    assert own == (12, 7, "adam", 1e-2, 1)
+    assert recipe() == own
+    assert recipe("--dp") == (12, 1, "sgd", 0.2, 8)
+    assert recipe("--dp", "--set", "dp.lr=0.05", "--set", "dp.augmentations=2") == (
+        12, 1, "sgd", 0.05, 2)
+    assert recipe("--dp", "--set", "dp.optimizer=adam", "--local-epochs", "4") == (
+        12, 4, "adam", 0.2, 8)
     mine = tmp_path / "mine.yaml"
-    mine.write_text("data:\n  synth_rois_per_site: 30\ntrain:\n  epochs: 2\n")
-    assert data_and_epochs("--dp", "--config", str(mine)) == (30, 2)
-    assert data_and_epochs("--dp", "--data", str(tmp_path)) == (12, 7)
+    mine.write_text("train:\n  epochs: 2\ndp:\n  optimizer: adam\n  lr: 0.03\n")
+    assert recipe("--dp", "--config", str(mine)) == (12, 2, "adam", 0.03, 8)
+    assert recipe("--dp", "--data", str(tmp_path)) == own
     paper = load_config("paper")
-    assert data_and_epochs("--dp", "--preset", "paper") == (paper.data.synth_rois_per_site,
-                                                            paper.train.epochs)
+    assert recipe("--dp", "--preset", "paper") == (paper.data.synth_rois_per_site,
+                                                   paper.train.epochs, *own[2:])
     for other in (["--dp", "--compare"], ["--dp", "--mode", "centralized"],
                   ["--set", "dp.enabled=true", "--set", "model.norm=group", "--compare"]):
         assert sim_main([*other, "--out", str(tmp_path / "refused")]) == 2
