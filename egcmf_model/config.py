@@ -107,15 +107,19 @@ class PrivacyConfig:
     # many examples (a site with fewer than twice the batch takes one step per epoch over
     # all its tiles), and fewer, larger steps spend the budget on less noise.
     batch_size: int = 32  # expected batch of Poisson sampling
-    lr: float = 1e-2
     # A site's optimiser starts afresh every round, and Adam's first step moves every weight
     # by the same lr, signal or noise alike: with one or a few steps a round, "sgd" (a step
-    # along the noisy gradient) learns more (bench/RESULTS.md), at about 10x Adam's lr
+    # along the noisy gradient) learns more (bench/RESULTS.md)
     optimizer: str = field(default="adam", metadata=_choice("adam", "sgd"))
+    lr: float = 0.0  # 0 = the optimizer's own: 1e-2 for adam, 0.2 for sgd
     # Each tile's gradient is the mean over this many orientations of it (1 to 8), taken
     # before clipping: a steadier direction per tile at no privacy cost, this many times the
-    # compute (augmentation multiplicity; needs data.augment)
+    # compute and activation memory (augmentation multiplicity; needs data.augment)
     augmentations: int = 1
+
+    def step_size(self) -> float:
+        """The learning rate DP-SGD trains with: ``lr``, or the optimizer's own."""
+        return self.lr or {"adam": 1e-2, "sgd": 0.2}[self.optimizer]
     # What DP-SGD leaves as it is: "encoders" when they come from public data (model.weights),
     # so the noise falls on fewer weights; "none" trains everything.
     frozen: str = field(default="none", metadata=_choice("none", "encoders"))
@@ -173,8 +177,9 @@ def check_together(cfg: Config) -> Config:
         raise ConfigError("dp.augmentations must be 1 to 8 (the distinct orientations of a "
                           f"tile), not {cfg.dp.augmentations}")
     if cfg.dp.augmentations > 1 and not cfg.data.augment:
-        raise ConfigError("dp.augmentations averages over orientations of each tile: it needs "
-                          "data.augment=true")
+        raise ConfigError(f"dp.augmentations={cfg.dp.augmentations} averages over orientations "
+                          "of each tile: it needs data.augment=true (or set "
+                          "dp.augmentations=1; --dp on the built-in synthetic set sets 8)")
     return cfg
 
 

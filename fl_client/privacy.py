@@ -106,6 +106,9 @@ def average_views(optimizer: DPOptimizer, views: int) -> Callable[[], None]:
     def average() -> None:
         for p in optimizer.params:
             grads = p.grad_sample
+            if grads.shape[0] % views:
+                raise ValueError(f"a batch of {grads.shape[0]} rows cannot hold {views} "
+                                 "orientations of each tile")
             p.grad_sample = grads.unflatten(0, (grads.shape[0] // views, views)).mean(1)
     return average
 

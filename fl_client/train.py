@@ -82,14 +82,14 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         raise ValueError("DP-SGD accounts whole epochs; train it by epochs, not steps")
     if cfg.dp.enabled:  # DP-SGD's own batch size and learning rate
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, batch_size=cfg.dp.batch_size, lr=cfg.dp.lr))
+            cfg.train, batch_size=cfg.dp.batch_size, lr=cfg.dp.step_size()))
     generator = seed_everything(seed % 2**31, cfg.train.deterministic)
     noise = None
     if cfg.dp.enabled:
         generator, noise = dp_generators(seed if dp_seeded else None, device)
-    views = cfg.dp.augmentations if cfg.dp.enabled else 1
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
-                         generator=generator, views=views)
+                         generator=generator, views=cfg.dp.augmentations if cfg.dp.enabled else 1)
+    views = loader.dataset.views  # as the batches hold them
     trainable = set_trainable(model, frozen)
     sgd = cfg.dp.enabled and cfg.dp.optimizer == "sgd"
     optimizer = (torch.optim.SGD if sgd else torch.optim.Adam)(

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FedBN: normalisation layers stay at each site")
     p.add_argument("--dp", action="store_true",
                    help="DP-SGD at every site (Opacus; GroupNorm network); see --epsilon. "
-                        "On the built-in synthetic set (tiny preset): 64 ROIs per site, 1 "
-                        "local epoch and dp.lr=3e-2 (unless chosen with --set, --local-epochs "
-                        "or --config), and the encoders come from a network trained without "
+                        "On the built-in synthetic set (tiny preset): 1 local epoch, "
+                        "dp.optimizer=sgd (lr 0.2) and dp.augmentations=8 (unless chosen with "
+                        "--set, --local-epochs or --config), and the encoders come from a "
+                        "network trained without "
                         "DP on public synthetic data (once, then cached; --set "
                         "dp.public_epochs=0: none), which DP-SGD leaves as they are")
     p.add_argument("--epsilon", type=float, help="each site's privacy budget (default 8)")

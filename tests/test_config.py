@@ -99,5 +99,6 @@ def test_fields_checked_together_may_come_from_any_layer_in_any_order(tmp_path) 
     for views in (0, 9):
         with pytest.raises(ConfigError, match=rf"dp\.augmentations must be 1 to 8.*not {views}"):
             load_config("tiny", overrides=[f"dp.augmentations={views}"])
-    with pytest.raises(ConfigError, match=r"dp\.augmentations .* needs data\.augment=true"):
+    with pytest.raises(ConfigError, match=r"dp\.augmentations=2 .* needs data\.augment=true "
+                                          r"\(or set dp\.augmentations=1"):
         load_config("tiny", overrides=["dp.augmentations=2", "data.augment=false"])

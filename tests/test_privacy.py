@@ -244,6 +244,35 @@ def test_each_tiles_gradient_is_the_mean_over_its_own_orientations(synth_root: P
         torch.testing.assert_close(got, torch.stack(each).mean(0), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_one_tile_moves_the_clipped_sum_by_at_most_the_clipping_norm_over_its_orientations(
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DP-SGD's sensitivity through ``local_train`` with ``dp.augmentations=4``: removing one
+    tile changes the sum of clipped gradients (what the noise hides) by at most the clipping
+    norm, as with one view; clipping each view alone would let a tile count four times."""
+    from opacus.optimizers import DPOptimizer
+
+    sums: list[torch.Tensor] = []
+    add_noise = DPOptimizer.add_noise
+
+    def capture(self: DPOptimizer) -> None:
+        sums.append(torch.cat([p.summed_grad.flatten() for p in self.params]).clone())
+        add_noise(self)
+
+    monkeypatch.setattr(DPOptimizer, "add_noise", capture)
+    cfg, source, _ = _setup(synth_root, "dp.augmentations=4")
+    records = source.split("train")
+    assert len(records) >= 2
+    for tiles in (records, records[:-1]):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, source.classes)
+        local_train(model, tiles, source.classes, cfg, pick_device("cpu"), seed=1,
+                    ledger=PrivacyLedger(tmp_path / f"{len(tiles)}.json"), site="a",
+                    dp_seeded=True)
+    assert len(sums) == 2
+    assert float((sums[0] - sums[1]).norm()) <= cfg.dp.max_grad_norm * (1 + 1e-5)
+
+
 def test_orientations_cost_no_privacy(synth_root: Path, tmp_path: Path) -> None:
     """Averaging over orientations spends what one view spends: the same noise, sample rate
     and steps in the ledger, the same epsilon; only the step differs."""
@@ -386,19 +415,20 @@ def test_dp_on_the_built_in_set_takes_its_recipe_unless_told(
 
     def recipe(*argv: str) -> tuple[int, int, str, float, int]:
         cfg = configured(build_parser().parse_args(list(argv)))
-        return (cfg.data.synth_rois_per_site, cfg.train.epochs, cfg.dp.optimizer, cfg.dp.lr,
-                cfg.dp.augmentations)
+        return (cfg.data.synth_rois_per_site, cfg.train.epochs, cfg.dp.optimizer,
+                cfg.dp.step_size(), cfg.dp.augmentations)
 
     preset, dp = load_config("tiny"), PrivacyConfig()
-    own = (preset.data.synth_rois_per_site, preset.train.epochs, dp.optimizer, dp.lr,
+    own = (preset.data.synth_rois_per_site, preset.train.epochs, dp.optimizer, dp.step_size(),
            dp.augmentations)
     assert own == (12, 7, "adam", 1e-2, 1)
     assert recipe() == own
     assert recipe("--dp") == (12, 1, "sgd", 0.2, 8)
     assert recipe("--dp", "--set", "dp.lr=0.05", "--set", "dp.augmentations=2") == (
         12, 1, "sgd", 0.05, 2)
+    # back to Adam: at Adam's own step, not SGD's
     assert recipe("--dp", "--set", "dp.optimizer=adam", "--local-epochs", "4") == (
-        12, 4, "adam", 0.2, 8)
+        12, 4, "adam", 1e-2, 8)
     mine = tmp_path / "mine.yaml"
     mine.write_text("train:\n  epochs: 2\ndp:\n  optimizer: adam\n  lr: 0.03\n")
     assert recipe("--dp", "--config", str(mine)) == (12, 2, "adam", 0.03, 8)
