@@ -171,6 +171,9 @@ def check_together(cfg: Config) -> Config:
         raise ConfigError("dp.frozen=encoders keeps the encoders as they start: give them with "
                           "model.weights (a checkpoint of this network trained on public data "
                           "with model.norm=group)")
+    if cfg.dp.epsilon <= 0 or not 0 < cfg.dp.delta < 1:
+        raise ConfigError(f"the privacy budget needs epsilon > 0 and 0 < delta < 1, not epsilon "
+                          f"{cfg.dp.epsilon:g}, delta {cfg.dp.delta:g} (--epsilon, --delta)")
     if cfg.dp.public_epochs < 0:
         raise ConfigError(f"dp.public_epochs must be 0 or more, not {cfg.dp.public_epochs}")
     if not 1 <= cfg.dp.augmentations <= 8:  # 4 rotations, each flipped or not

@@ -130,15 +130,22 @@ def dp_generators(seed: int | None, device: torch.device
             torch.Generator(device=device).manual_seed(seeds[1]))
 
 
-def plan(dp: PrivacyConfig, sample_rate: float, steps: int) -> float:
+def plan(dp: PrivacyConfig, sample_rate: float, steps: int, site: str = "") -> float:
     """Noise multiplier: as configured, or calibrated to reach epsilon after planned rounds."""
     if dp.noise_multiplier > 0:
         return dp.noise_multiplier
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
-                                      sample_rate=sample_rate,
-                                      steps=steps * max(1, dp.planned_rounds)))
+    rounds = max(1, dp.planned_rounds)
+    try:
+        return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
+                                          sample_rate=sample_rate, steps=steps * rounds))
+    except ValueError as exc:  # Opacus: "The privacy budget is too low."
+        raise BudgetExhausted(
+            f"site {site}: a privacy budget of epsilon {dp.epsilon:g} (delta {dp.delta:g}) is "
+            f"too small for {rounds} rounds of {steps} step(s) at sample rate "
+            f"{sample_rate:.3g}: no noise level reaches it; raise --epsilon, or plan fewer "
+            "rounds (dp.planned_rounds)") from exc
 
 
 def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLedger,
@@ -152,7 +159,7 @@ def make_private(model, optimizer, loader, dp: PrivacyConfig, ledger: PrivacyLed
     check_compatible(model)
     sample_rate = 1 / len(loader)  # as Opacus defines it for its Poisson-sampled loader
     steps = epochs * len(loader)
-    sigma = plan(dp, sample_rate, steps)
+    sigma = plan(dp, sample_rate, steps, site)
     after = ledger.epsilon(dp.delta, [(sigma, sample_rate, steps)])
     if after > dp.epsilon * (1 + 1e-6):
         raise BudgetExhausted(f"site {site}: privacy budget spent: this round would bring "

@@ -16,6 +16,7 @@ serialisation. A checkpoint's ``best`` is the best round known when it was writt
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,7 @@ from egcmf_model.metrics import selection_score
 
 from .settings import DEFAULTS, check_keep_checkpoints
 
+log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
 
 
@@ -76,6 +78,10 @@ class RunRecorder:
         self._failed = False  # a write failed: nothing queued after it is written
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
+        """One line of events.jsonl; a site's failure and a round's warning also go to the
+        screen (the other kinds are logged where they arise, or are routine)."""
+        if kind in ("error", "warning"):
+            log.warning("%s", message)
         line = {"time": round(time.time(), 3), "kind": kind, "message": message, **fields}
         with (self.dir / "events.jsonl").open("a") as fh:
             fh.write(json.dumps(clean(line)) + "\n")

@@ -70,6 +70,26 @@ def test_training_stops_at_the_budget(synth_root: Path, tmp_path: Path) -> None:
     assert len(PrivacyLedger(tmp_path / "privacy.json").history) == 1  # nothing was spent
 
 
+def test_a_budget_no_noise_can_reach_is_refused_with_what_to_change(
+        synth_root: Path, tmp_path: Path) -> None:
+    """epsilon 0.1 over 20 planned rounds: no noise multiplier reaches it. The site refuses
+    to train, saying why and what to change, and spends nothing; epsilon <= 0 is refused
+    before anything starts."""
+    from egcmf_model.config import ConfigError
+
+    cfg, source, model = _setup(synth_root, "dp.epsilon=0.1", "dp.noise_multiplier=0",
+                                "dp.planned_rounds=20")
+    ledger = PrivacyLedger(tmp_path / "privacy.json")
+    with pytest.raises(BudgetExhausted, match=r"site a: a privacy budget of epsilon 0\.1 "
+                       r"\(delta 1e-05\) is too small for 20 rounds .* raise --epsilon"):
+        local_train(model, source.split("train"), source.classes, cfg, pick_device("cpu"),
+                    seed=1, ledger=ledger, site="a")
+    assert not ledger.path.exists()
+    for budget in ("dp.epsilon=0", "dp.epsilon=-1", "dp.delta=0", "dp.delta=1"):
+        with pytest.raises(ConfigError, match="the privacy budget needs epsilon > 0"):
+            load_config("tiny", overrides=[budget])
+
+
 def test_batchnorm_network_is_refused(synth_root: Path, tmp_path: Path) -> None:
     cfg, source, model = _setup(synth_root, "model.norm=batch")
     with pytest.raises(ValueError, match=r"model\.norm=group"):

@@ -89,3 +89,20 @@ def test_a_failed_checkpoint_write_stops_the_run(tmp_path: Path,
 def test_keep_checkpoints_must_keep_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         _recorder(tmp_path, keep=0)
+
+
+def test_a_sites_failure_and_a_rounds_warning_reach_the_screen_too(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """events.jsonl keeps every event; a failure or a warning is also logged, so a run whose
+    sites all refuse does not look like a normal one on the screen."""
+    rec = _recorder(tmp_path)
+    with caplog.at_level("INFO"):
+        rec.event("error", "round 1 train: site a failed: budget too small", round=1)
+        rec.event("warning", "round 1: 0 valid update(s); global model unchanged", round=1)
+        rec.event("resume", "resuming after round 3")
+    assert [r.getMessage() for r in caplog.records] == [
+        "round 1 train: site a failed: budget too small",
+        "round 1: 0 valid update(s); global model unchanged"]
+    assert all(r.levelname == "WARNING" for r in caplog.records)
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert kinds == ["error", "warning", "resume"]
