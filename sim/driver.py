@@ -135,6 +135,11 @@ def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]
     log.info("%s: %d clients, %d rounds, %s partition, variant %s, preset %s -> %s",
              args.mode if not args.compare else "compare", settings.clients, settings.rounds,
              settings.partition, cfg.model.variant, cfg.preset, settings.out)
+    if cfg.dp.enabled:
+        log.info("DP-SGD at every site: epsilon %g, delta %g over %d planned rounds; %d local "
+                 "epoch(s), %s at %g, batch %d, %d orientation(s) of each tile", cfg.dp.epsilon,
+                 cfg.dp.delta, cfg.dp.planned_rounds, cfg.train.epochs, cfg.dp.optimizer,
+                 cfg.dp.step_size(), cfg.dp.batch_size, cfg.dp.augmentations)
     if args.compare:
         from .baselines import compare
 

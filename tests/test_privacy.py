@@ -479,6 +479,8 @@ def test_a_dp_simulation_on_the_built_in_set_starts_from_public_encoders(
     with caplog.at_level("INFO", logger="sim"):
         assert sim_main([*args, "--out", str(out)]) == 0
     assert "training the public network once" in caplog.text
+    assert ("DP-SGD at every site: epsilon 50, delta 1e-05 over 1 planned rounds; 1 local "
+            "epoch(s), sgd at 0.2, batch 32, 8 orientation(s) of each tile") in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="sim"):
         assert sim_main([*args, "--out", str(again)]) == 0
