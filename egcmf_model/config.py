@@ -165,15 +165,22 @@ def load_config(
     return apply_overrides(cfg, overrides)
 
 
+def budget_problem(epsilon: float, delta: float) -> str | None:
+    """What is wrong with a DP budget of (``epsilon``, ``delta``), or None."""
+    if epsilon > 0 and 0 < delta < 1:
+        return None
+    return (f"the privacy budget needs epsilon > 0 and 0 < delta < 1, not epsilon {epsilon:g}, "
+            f"delta {delta:g} (--epsilon, --delta)")
+
+
 def check_together(cfg: Config) -> Config:
     """The checks that span fields, made once every layer (preset, file, overrides) is in."""
     if cfg.dp.frozen == "encoders" and not cfg.model.weights:
         raise ConfigError("dp.frozen=encoders keeps the encoders as they start: give them with "
                           "model.weights (a checkpoint of this network trained on public data "
                           "with model.norm=group)")
-    if cfg.dp.epsilon <= 0 or not 0 < cfg.dp.delta < 1:
-        raise ConfigError(f"the privacy budget needs epsilon > 0 and 0 < delta < 1, not epsilon "
-                          f"{cfg.dp.epsilon:g}, delta {cfg.dp.delta:g} (--epsilon, --delta)")
+    if problem := budget_problem(cfg.dp.epsilon, cfg.dp.delta):
+        raise ConfigError(problem)
     if cfg.dp.public_epochs < 0:
         raise ConfigError(f"dp.public_epochs must be 0 or more, not {cfg.dp.public_epochs}")
     if not 1 <= cfg.dp.augmentations <= 8:  # 4 rotations, each flipped or not

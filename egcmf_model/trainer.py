@@ -36,17 +36,15 @@ def make_loader(records: Sequence[RoiRecord], classes: tuple[str, ...], cfg: Con
 
     ``views`` > 1 (training only): each tile comes as that many orientations, one after the
     other in the batch, which then holds ``views`` rows per tile."""
-    augment = train and cfg.data.augment
-    views = views if augment else 1
     dataset = RoiDataset(records, classes, cfg.model.in_size, edge_kind=cfg.loss.edge_target,
-                         edge_band=cfg.loss.edge_band, augment=augment,
+                         edge_band=cfg.loss.edge_band, augment=train and cfg.data.augment,
                          stain_jitter=cfg.data.stain_jitter, seed=cfg.train.seed, views=views)
     if not len(dataset):
         raise DataError(f"no usable ROI for {'training' if train else 'evaluation'}")
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=train,
                       generator=generator, num_workers=cfg.train.num_workers,
                       drop_last=train and len(dataset) > cfg.train.batch_size,
-                      collate_fn=collate_views if views > 1 else None)
+                      collate_fn=collate_views if dataset.views > 1 else None)
 
 
 def open_data(cfg: Config) -> DataSource:

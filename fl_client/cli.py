@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])
-    args = build_parser().parse_args(argv)
+    from egcmf_model.config import budget_problem
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dp and (problem := budget_problem(args.epsilon, args.delta)):
+        parser.error(problem)
     from .node import join
     from .options import JoinError, JoinOptions
 

@@ -221,3 +221,15 @@ def test_insecure_refuses_addresses_beyond_loopback(tmp_path: Path, synth_root: 
                         "--data", str(synth_root / "site_01"),
                         "--state-dir", str(tmp_path / "state")]) == 2
     assert "EGCMF_ALLOW_INSECURE_NETWORK=1" in capsys.readouterr().err
+
+
+def test_a_site_cannot_join_with_a_budget_that_is_no_budget(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """fl-client --dp with epsilon <= 0 or delta outside (0, 1) stops before it joins."""
+    for budget in (["--epsilon", "0"], ["--epsilon", "-1"], ["--delta", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            client_main(["--site", "plagh", "--state-dir", str(tmp_path / "state"), "--dp",
+                         *budget])
+        assert stop.value.code == 2
+        assert "the privacy budget needs epsilon > 0 and 0 < delta < 1" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()

@@ -39,6 +39,8 @@ class RoiDataset(Dataset):
 
     Augmentation draws from a generator seeded by (``seed``, epoch, tile index): the same in any
     DataLoader worker and in any order of access; call :meth:`set_epoch` before each epoch.
+    With ``augment`` and ``views`` > 1, an item holds that many distinct orientations of its
+    tile, stacked along a first axis (batch them with :func:`collate_views`).
     """
 
     def __init__(
@@ -57,7 +59,8 @@ class RoiDataset(Dataset):
         self.classes, self.in_size, self.tile = classes, in_size, in_size * SCALE
         self.edge_kind, self.edge_band = edge_kind, edge_band
         self.augment, self.stain_jitter = augment, stain_jitter
-        self.seed, self.epoch, self.views = seed, 0, views
+        self.seed, self.epoch = seed, 0
+        self.views = views if augment else 1  # orientations are augmentations
         sized = [(r, size) for r in records if (size := self._size(r)) is not None]
         self.records = [r for r, _ in sized]
         self.tiles = [
@@ -109,18 +112,17 @@ class RoiDataset(Dataset):
             arrays["ck56"] = read_rgb(record.ck56)
         # White for RGB, and 255 = IGNORE_INDEX for the mask: one pad value serves both.
         arrays = {k: pad_to(a[y : y + t, x : x + t], t, IGNORE_INDEX) for k, a in arrays.items()}
-        if self.views > 1:  # distinct orientations of one tile, stacked (see collate_views)
-            rng = np.random.default_rng([self.seed, self.epoch, tile])
-            first = int(rng.integers(ORIENTATIONS))
-            views = [self.sample(augment(arrays, rng, self.stain_jitter,
-                                         (first + view) % ORIENTATIONS), record.roi_id)
-                     for view in range(self.views)]
-            return {k: record.roi_id if k == "roi" else torch.stack([v[k] for v in views])
-                    for k in views[0]}
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, tile])
-            arrays = augment(arrays, rng, self.stain_jitter)
-        return self.sample(arrays, record.roi_id)
+        if not self.augment:
+            return self.sample(arrays, record.roi_id)
+        rng = np.random.default_rng([self.seed, self.epoch, tile])
+        if self.views == 1:
+            return self.sample(augment(arrays, rng, self.stain_jitter), record.roi_id)
+        first = int(rng.integers(ORIENTATIONS))  # distinct orientations, stacked (collate_views)
+        views = [self.sample(augment(arrays, rng, self.stain_jitter,
+                                     (first + view) % ORIENTATIONS), record.roi_id)
+                 for view in range(self.views)]
+        return {k: record.roi_id if k == "roi" else torch.stack([v[k] for v in views])
+                for k in views[0]}
 
     def sample(self, arrays: dict[str, np.ndarray], roi_id: str) -> dict[str, torch.Tensor | str]:
         """Network inputs and targets from 40x ``he``, ``mask`` and optional ``ck56`` arrays."""
