@@ -91,7 +91,8 @@ class TrainConfig:
     skip: bool = False  # benchmarks only: no training; sites return the weights, randomly moved
     # bf16 autocast on a GPU (the CPU ignores it); off until measured accurate on a GPU
     amp: str = field(default="none", metadata=_choice("none", "bf16"))
-    channels_last: bool = False  # channels-last memory on a GPU (the CPU ignores it)
+    # channels-last memory on a GPU (ignored on the CPU, and in training under DP-SGD)
+    channels_last: bool = False
     keep_norm_local: bool = False  # FedBN: each site keeps its own normalisation layers
 
 

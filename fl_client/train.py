@@ -117,7 +117,7 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         batches = loader if steps is None else itertools.islice(loader, steps - done)
         stats = train_epoch(trained, batches, optimizer, device, loss_fn,
                             on_empty=on_empty, scheduler=scheduler,
-                            speed=GpuSpeed.of(cfg.train), before_step=before_step)
+                            speed=training_speed(cfg), before_step=before_step)
         done, epoch = done + stats["steps"], epoch + 1
         if not stats["steps"]:
             break
@@ -170,6 +170,15 @@ def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_S
             if target is not tensor:
                 tensor.copy_(target)
             offset += tensor.numel()
+
+
+def training_speed(cfg: Config) -> GpuSpeed:
+    """The GPU speed options a site trains with: ``train.amp`` and ``train.channels_last``, but
+    never channels-last under DP-SGD. Opacus computes a convolution's per-sample gradients from
+    its input read as standard (NCHW) memory; from channels-last memory they come out wrong,
+    though each stays a function of its own sample."""
+    speed = GpuSpeed.of(cfg.train)
+    return dataclasses.replace(speed, channels_last=False) if cfg.dp.enabled else speed
 
 
 def training_loss(cfg: Config) -> EGCMFLoss:

@@ -27,7 +27,7 @@ from fl_client.privacy import (
     make_private,
     noise_only_step,
 )
-from fl_client.train import local_train, training_loss
+from fl_client.train import local_train, training_loss, training_speed
 from sim.run import main as sim_main
 
 DP = ["model.variant=unet", "model.norm=group", "dp.enabled=true", "dp.noise_multiplier=1.0",
@@ -230,6 +230,57 @@ def test_no_samples_gradient_depends_on_another(variant: str, synth_root: Path) 
     pooled = EGCMFLoss(cfg.loss.gamma, per_sample=False)
     first, second = (_per_sample_grads(model, pair(0, j), pooled) for j in (1, 2))
     assert max(float((a - b).abs().max()) for a, b in zip(first, second, strict=True)) > 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_samples_gradient_under_opacus_is_its_own_gradient(variant: str,
+                                                                 synth_root: Path) -> None:
+    """What DP-SGD clips is each tile's true gradient: Opacus's per-sample gradient of every
+    trainable weight, in a batch of three, equals the gradient of that tile's loss alone, for
+    every variant (MSFFM's attention and Grad-CAM included)."""
+    cfg = load_config("tiny", overrides=[f"model.variant={variant}", "model.norm=group",
+                                         "dp.enabled=true", "data.augment=false"])
+    source = open_sites(synth_root / "site_01")
+    tiles = make_loader(source.records, source.classes, cfg, train=False).dataset
+    items = [tiles[i] for i in range(3)]
+
+    def batch_of(*idx: int) -> dict:
+        return {k: torch.stack([items[i][k] for i in idx]) for k in items[0] if k != "roi"}
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, source.classes)
+    loss_fn = training_loss(cfg)
+    alone = []
+    for i in range(3):
+        model.zero_grad(set_to_none=True)
+        loss_fn(forward(model, batch_of(i)), batch_of(i))[0].backward()
+        alone.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    wrapped = GradSampleModule(model)  # the batch loss is the mean: grad_sample = each's own
+    loss_fn(forward(wrapped, batch_of(0, 1, 2)), batch_of(0, 1, 2))[0].backward()
+    # float32 noise is relative to the largest gradient (a bias before a norm that removes it
+    # has a gradient of float noise alone)
+    scale = max(float(g.abs().max()) for a in alone for g in a.values())
+    for name, p in model.named_parameters():
+        if name not in alone[0]:
+            continue
+        for i in range(3):
+            err = float((p.grad_sample[i] - alone[i][name]).abs().max()) / scale
+            assert err < 1e-3, (variant, name, i, err)
+
+
+def test_dp_sgd_trains_in_the_memory_layout_opacus_needs() -> None:
+    """Opacus reads a convolution's input as standard (NCHW) memory to form its per-sample
+    gradients; from channels-last memory they come out wrong. So under DP-SGD a site trains
+    without ``train.channels_last``, and keeps the options that are safe (bf16 autocast)."""
+    fast = ["train.channels_last=true", "train.amp=bf16"]
+    plain = training_speed(load_config("tiny", overrides=fast))
+    private = training_speed(load_config("tiny", overrides=[*fast, "model.norm=group",
+                                                            "dp.enabled=true"]))
+    assert (plain.channels_last, plain.amp) == (True, "bf16")
+    assert (private.channels_last, private.amp) == (False, "bf16")
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
