@@ -49,12 +49,24 @@ def with_public_encoders(cfg: Config, train: bool = True, freeze: bool = True) -
     built-in synthetic set, no ``model.weights`` given, ``dp.public_epochs`` > 0; frozen
     under DP unless ``freeze`` is False (the user chose ``dp.frozen`` for themselves).
     ``train=False``: where the network is or would be, without training it."""
-    if not (cfg.dp.enabled and cfg.dp.public_epochs > 0 and not cfg.model.weights
-            and built_in_synthetic(cfg)):
+    if not (cfg.dp.enabled and cfg.dp.public_epochs > 0 and built_in_synthetic(cfg)):
         return cfg
-    path = public_network(cfg) if train else public_folder(public_config(cfg)) / "best.pt"
+    here = public_folder(public_config(cfg)) / "best.pt"
+    if cfg.model.weights and not names_public_network(cfg.model.weights, here):
+        return cfg
+    path = public_network(cfg) if train else here
     return apply_overrides(cfg, [f"model.weights={path}",
                                  *(["dp.frozen=encoders"] if freeze else [])])
+
+
+def names_public_network(weights: str, here: Path) -> bool:
+    """Whether ``weights`` is this configuration's public network as a run folder's
+    ``config.yaml`` records it: this machine's cached copy, or the copy of the machine or cache
+    folder the run came from (its folder bears the same name), which is trained again here
+    when it is not at hand."""
+    given = Path(weights).expanduser()
+    return given == here or (given.name == here.name and given.parent.name == here.parent.name
+                             and not given.is_file())
 
 
 def public_config(cfg: Config) -> Config:
