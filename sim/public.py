@@ -37,6 +37,7 @@ PUBLIC_SEED_OFFSET = 777  # the public set's generator seed: the sites' seed + t
 # 0.06-0.15 Dice over three seeds, against 0.03 (seed 0) for Adam alone.
 DP_BUILT_IN = ("train.epochs=1", "dp.optimizer=sgd", "dp.augmentations=8")
 PUBLIC_RECIPE = 1  # raise when the public network's training changes (renames its cache)
+PREFIX = "public_"  # of the public networks' folders in the data cache
 
 
 def built_in_synthetic(cfg: Config) -> bool:
@@ -61,11 +62,11 @@ def with_public_encoders(cfg: Config, train: bool = True, freeze: bool = True) -
 
 def names_public_network(weights: str, here: Path) -> bool:
     """Whether ``weights`` is this configuration's public network as a run folder's
-    ``config.yaml`` records it: this machine's cached copy, or the copy of the machine or cache
-    folder the run came from (its folder bears the same name), which is trained again here
-    when it is not at hand."""
+    ``config.yaml`` records it: this machine's cached copy, or a cached copy that is no longer
+    at hand (another machine's, another PyTorch's, or a cleared cache), which is then trained
+    again here."""
     given = Path(weights).expanduser()
-    return given == here or (given.name == here.name and given.parent.name == here.parent.name
+    return given == here or (given.name == here.name and given.parent.name.startswith(PREFIX)
                              and not given.is_file())
 
 
@@ -86,7 +87,7 @@ def public_folder(public: Config) -> Path:
     """Where the network of configuration ``public`` is kept: named by that configuration and
     by the versions of the code that would train it differently (data generator, this
     module's recipe, PyTorch), so a cached network is never stale."""
-    return cache_dir() / f"public_{hashlib.sha256(_identity(public).encode()).hexdigest()[:12]}"
+    return cache_dir() / f"{PREFIX}{hashlib.sha256(_identity(public).encode()).hexdigest()[:12]}"
 
 
 def _identity(public: Config) -> str:

@@ -517,21 +517,22 @@ def test_dp_on_the_built_in_set_takes_its_recipe_unless_told(
 def test_a_run_folders_config_finds_or_rebuilds_its_public_network(tmp_path: Path) -> None:
     """``config.yaml`` of a DP run on the built-in set names the public network by its path in
     the cache of the machine that ran it. Rerun with ``--config`` elsewhere, or after the cache
-    was cleared, that name leads to this machine's copy (trained again when missing); a
-    weights file of the user's own is left as given."""
+    was cleared (or under another PyTorch, which names it differently), that name leads to
+    this machine's copy (trained again when missing); a weights file of the user's own is left
+    as given."""
     from sim.public import public_config, public_folder, with_public_encoders
 
     cfg = load_config("tiny", overrides=["model.norm=group", "dp.enabled=true"])
     here = public_folder(public_config(cfg)) / "best.pt"
     assert with_public_encoders(cfg, train=False).model.weights == str(here)
-    recorded = tmp_path / "other-machine" / "cache" / here.parent.name / "best.pt"
+    recorded = tmp_path / "other-machine" / "cache" / "public_0123456789ab" / "best.pt"
     rerun = load_config("tiny", overrides=["model.norm=group", "dp.enabled=true",
                                            f"model.weights={recorded}",
                                            "dp.frozen=encoders"])
     assert public_folder(public_config(rerun)) / "best.pt" == here
     found = with_public_encoders(rerun, train=False)
     assert (found.model.weights, found.dp.frozen) == (str(here), "encoders")
-    mine = tmp_path / here.parent.name / "best.pt"  # the user's own file, by chance so named
+    mine = tmp_path / "public_mine" / "best.pt"  # the user's own file, by chance so named
     mine.parent.mkdir()
     mine.write_bytes(b"weights")
     for own in (mine, tmp_path / "missing.pt"):
