@@ -89,7 +89,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are already
     skip: bool = False  # benchmarks only: no training; sites return the weights, randomly moved
-    # bf16 autocast on a GPU (the CPU ignores it); off until measured accurate on a GPU
+    # bf16 autocast on a GPU (ignored on the CPU, and in training under DP-SGD)
     amp: str = field(default="none", metadata=_choice("none", "bf16"))
     # channels-last memory on a GPU (ignored on the CPU, and in training under DP-SGD)
     channels_last: bool = False

@@ -271,16 +271,18 @@ def test_each_samples_gradient_under_opacus_is_its_own_gradient(variant: str,
             assert err < 1e-3, (variant, name, i, err)
 
 
-def test_dp_sgd_trains_in_the_memory_layout_opacus_needs() -> None:
-    """Opacus reads a convolution's input as standard (NCHW) memory to form its per-sample
-    gradients; from channels-last memory they come out wrong. So under DP-SGD a site trains
-    without ``train.channels_last``, and keeps the options that are safe (bf16 autocast)."""
+def test_dp_sgd_trains_in_float32_and_the_memory_layout_opacus_needs() -> None:
+    """Under DP-SGD a site trains without the GPU speed options. Opacus reads a convolution's
+    input as standard (NCHW) memory to form its per-sample gradients: from channels-last
+    memory they come out wrong (the test above fails on a channels-last network and batch).
+    Under bf16 autocast it clips per-sample gradients held in bf16, and one sample's clipped
+    gradient measured 1.0037 times the clipping norm: more than the accounting assumes."""
     fast = ["train.channels_last=true", "train.amp=bf16"]
     plain = training_speed(load_config("tiny", overrides=fast))
     private = training_speed(load_config("tiny", overrides=[*fast, "model.norm=group",
                                                             "dp.enabled=true"]))
     assert (plain.channels_last, plain.amp) == (True, "bf16")
-    assert (private.channels_last, private.amp) == (False, "bf16")
+    assert (private.channels_last, private.amp) == (False, "none")
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
