@@ -138,7 +138,7 @@ def _resume(recorder: RunRecorder, network: torch.nn.Module, settings: Federatio
     """The last checkpointed round and its checkpoint, loaded into ``network`` (0, None if
     none); a larger number of rounds than the checkpoint's is recorded."""
     start, payload = recorder.last_round()
-    recorder.truncate_metrics(start - 1)  # round `start`'s line comes with the next round
+    recorder.reopen(start - 1)  # round `start`'s line comes with the next round
     if payload is None:
         return 0, None
     network.load_state_dict(payload["model"])
@@ -184,6 +184,7 @@ class Rounds:
 
     def run(self, rnd: int) -> dict[str, float]:
         """Round ``rnd``; returns each site's training seconds."""
+        self.recorder.check_writes()  # the last round's checkpoint may have failed by now
         config = ConfigRecord({**self.config, "evaluate": True})
         messages = self._with_model(self.strategy.configure_train(
             rnd, self.model.floats, config, self.grid))

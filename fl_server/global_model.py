@@ -20,6 +20,7 @@ from egcmf_model.packing import FLOAT, INT, Layout, Slot, kind
 from fl_common.wire import model_record, tensor, view
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_OVERFLOW = 65520.0  # the smallest magnitude that float16 rounds to infinity
 VARIANCE = "running_var"  # BatchNorm's running variance: never negative in an honest model
 
 
@@ -108,9 +109,9 @@ class GlobalModel:
     @cached_property
     def _float16(self) -> ArrayRecord:
         largest = max((_largest(view(a)) for a in self.floats.values()), default=0.0)
-        if not largest <= FLOAT16_MAX:
-            raise ValueError(f"the global model holds a value of {largest:.3g}, beyond what the "
-                             "float16 wire can carry (65504): resume with --wire float32")
+        if not largest < FLOAT16_OVERFLOW:  # below it, a value rounds to at most 65504
+            raise ValueError(f"the global model holds a value of {largest:.6g}, beyond what "
+                             "the float16 wire can carry (65504): resume with --wire float32")
         return model_record(self.values, "float16")
 
 

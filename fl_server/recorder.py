@@ -37,6 +37,11 @@ from .settings import DEFAULTS, check_keep_checkpoints
 
 log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
+SUMMARY_FILE = "summary.json"  # written when a run is complete
+
+
+class RunFolderWriteError(RuntimeError):
+    """The run folder could not be written or read back; the message says what to do."""
 
 
 def clean(value: Any) -> Any:
@@ -76,6 +81,8 @@ class RunRecorder:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
         self._queued: list[Future] = []
         self._failed = False  # a write failed: nothing queued after it is written
+        for partial in self.dir.glob(".*.pt.*"):  # a write cut short by a crash: never read
+            partial.unlink(missing_ok=True)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         """One line of events.jsonl; a site's failure and a round's warning also go to the
@@ -128,17 +135,32 @@ class RunRecorder:
             future.result()
         self._queued = []
 
-    def truncate_metrics(self, last: int) -> None:
-        """Drop metrics lines of rounds after ``last`` (a resume writes them again)."""
+    def reopen(self, last: int) -> None:
+        """A resume after round ``last``: metrics lines of later rounds go (it writes them
+        again), and so does the summary (the run is not complete until it ends again)."""
         self.flush()
-        kept = [line for line in self.metrics() if line["round"] <= last]
+        kept = [line for line in self.metrics(partial_end=True) if line["round"] <= last]
         (self.dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+        (self.dir / SUMMARY_FILE).unlink(missing_ok=True)
 
-    def metrics(self) -> list[dict[str, Any]]:
+    def metrics(self, partial_end: bool = False) -> list[dict[str, Any]]:
+        """The lines of ``metrics.jsonl``. ``partial_end``: a last line that a crash cut short
+        is dropped (a resume writes it again)."""
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        raw = [x for x in path.read_text().splitlines() if x.strip()]
+        lines = []
+        for number, text in enumerate(raw, 1):
+            try:
+                lines.append(json.loads(text))
+            except json.JSONDecodeError as exc:
+                if partial_end and number == len(raw):
+                    log.warning("%s: dropping its last line, cut short (%s)", path, exc)
+                    break
+                raise RunFolderWriteError(f"{path}, line {number}: not JSON ({exc}); mend or "
+                                          "remove that line") from exc
+        return lines
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:
         self.flush()
@@ -154,7 +176,7 @@ class RunRecorder:
             summary["initial"] = self.initial
         if epsilon:
             summary["epsilon"] = epsilon
-        (self.dir / "summary.json").write_text(json.dumps(clean(summary), indent=2))
+        (self.dir / SUMMARY_FILE).write_text(json.dumps(clean(summary), indent=2))
         return summary
 
     def _improves(self, number: int, line: dict[str, Any]) -> bool:
@@ -166,10 +188,15 @@ class RunRecorder:
             self.best = {"round": number, "dice": clean(line.get("dice"))}
         return improved
 
-    def _queue(self, work: Callable[..., None], *args: Any) -> None:
+    def check_writes(self) -> None:
+        """Raise what a finished write raised: before a round's messages go out, so that no
+        site trains a round whose result could not be kept."""
         for future in [f for f in self._queued if f.done()]:
-            future.result()  # a failed write stops the run here, with its own error
+            future.result()
             self._queued.remove(future)
+
+    def _queue(self, work: Callable[..., None], *args: Any) -> None:
+        self.check_writes()
         self._queued.append(self._writer.submit(self._in_order, work, *args))
 
     def _in_order(self, work: Callable[..., None], *args: Any) -> None:
@@ -177,6 +204,12 @@ class RunRecorder:
             raise RuntimeError("not written: an earlier write of the run folder failed")
         try:
             work(*args)
+        except OSError as exc:
+            self._failed = True
+            raise RunFolderWriteError(
+                f"could not write the run folder {self.dir}: {exc}. The run stops here; "
+                "what was written before stays. Free the space (or mend the folder) and "
+                "continue with --resume") from exc
         except BaseException:
             self._failed = True
             raise

@@ -18,7 +18,7 @@ from typing import Any
 from egcmf_model.checkpoint import read_checkpoint
 from egcmf_model.config import Config, apply_overrides, from_dict, load_config, to_dict
 
-from .recorder import ROUND_FILE
+from .recorder import ROUND_FILE, SUMMARY_FILE
 from .settings import RUN_DEFINING, run_config_defaults, run_config_key
 
 SETTINGS_FILE = "settings.json"  # the run-defining settings, written when a run starts
@@ -122,9 +122,11 @@ def refuse(run_dir: Path, changes: list[str], ref: Reference, settings: dict[str
             f"--resume keeps the configuration of the run in {run_dir} (only --rounds may "
             f"grow); this command changes: {'; '.join(changes)}. Drop those flags to resume "
             "it as it was, or start a new run in another folder")
-    if int(settings["num-rounds"]) <= ref.done:
+    if int(settings["num-rounds"]) <= ref.done and (run_dir / SUMMARY_FILE).is_file():
         raise RunFolderError(f"nothing to resume: the run is complete (round {ref.done} of "
                              f"{settings['num-rounds']}); pass a larger --rounds to continue it")
+    # its last round checkpointed, the run stopped before its final evaluation: a resume
+    # runs that evaluation alone, and writes the last round's line, final.pt and the summary
 
 
 def run_defining(values: dict[str, Any]) -> dict[str, Any]:

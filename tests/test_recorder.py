@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from egcmf_model.checkpoint import read_checkpoint
 from egcmf_model.config import load_config
 from fl_server import recorder as recorder_module
-from fl_server.recorder import RunRecorder
+from fl_server.recorder import RunFolderWriteError, RunRecorder
 
 CLASSES = ("background", "in_situ", "invasive")
 
@@ -69,21 +70,48 @@ def test_checkpoints_are_written_off_the_rounds_path_in_order(
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
-def test_a_failed_checkpoint_write_stops_the_run(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_checkpoint_write_stops_the_run_before_its_next_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk stops the run as soon as the write fails, at the latest before the next
+    round's messages go out (``check_writes``), in words that say what to do."""
     def full_disk(*args, **kwargs) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(recorder_module, "write_checkpoint", full_disk)
     rec = _recorder(tmp_path)
-
-    def one_round() -> None:  # the error comes at the next write or at the end
-        rec.record_round(1, _state(1), _line(0.1))
-        rec.flush()
-
-    with pytest.raises(OSError, match="No space left"):
-        one_round()
+    deadline = time.monotonic() + 30
+    with pytest.raises(RunFolderWriteError, match=r"could not write the run folder .*No space "
+                                                  r"left on device.*continue with --resume"):
+        rec.record_round(1, _state(1), _line(0.1))  # returns unless the write failed at once
+        while time.monotonic() < deadline:  # what a round does before it sends anything
+            rec.check_writes()
+            time.sleep(0.01)
     assert not (tmp_path / "metrics.jsonl").exists()  # no line without its checkpoint
+
+
+def test_a_write_cut_short_by_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A checkpoint's temporary file left by a killed centre (up to 305 MB at the paper
+    preset) goes when the run folder is opened again; the user's own files stay."""
+    (tmp_path / ".round_003.pt.vdzbplal").write_bytes(b"partial")
+    (tmp_path / ".best.pt.link").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("mine")
+    _recorder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_resume_drops_a_metrics_line_cut_short_and_names_a_damaged_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"round": r, **_line(0.1 * r)}) for r in (1, 2)]
+    metrics.write_text("\n".join(good) + "\n" + good[1][:50])  # a crash while writing line 3
+    rec = _recorder(tmp_path)
+    with caplog.at_level("WARNING"):
+        rec.reopen(2)
+    assert metrics.read_text().splitlines() == good
+    assert "dropping its last line, cut short" in caplog.text
+    metrics.write_text(good[0][:50] + "\n" + good[1] + "\n")
+    with pytest.raises(RunFolderWriteError, match=r"metrics.jsonl, line 1: not JSON"):
+        rec.reopen(2)
 
 
 def test_keep_checkpoints_must_keep_one(tmp_path: Path) -> None:

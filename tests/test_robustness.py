@@ -555,12 +555,20 @@ def test_confusion_counts_are_capped_by_the_examples_they_claim() -> None:
 
 
 def test_a_global_model_beyond_float16s_range_is_not_sent_as_inf() -> None:
-    """Rounded to float16, 7e4 would reach every site as inf; the centre says so instead."""
-    big = _state(0)
-    big["conv.weight"][0, 0, 0, 0] = 7e4
-    with pytest.raises(ValueError, match="float16 wire can carry"):
-        _global(big).wire("float16")
-    assert _global(big).wire("float32") is not None
+    """Rounded to float16, 65520 or more would reach every site as inf; the centre says so
+    instead. Below it a value rounds to 65504: two sites' 65504 averaged in float32 (65504.004,
+    each update within the range) still goes out."""
+    for value, sent in ((7e4, None), (65520.0, None), (np.float32(65504.004), 65504.0),
+                        (-65519.0, -65504.0)):
+        big = _state(0)
+        big["conv.weight"][0, 0, 0, 0] = float(value)
+        assert _global(big).wire("float32") is not None
+        if sent is None:
+            with pytest.raises(ValueError, match="float16 wire can carry"):
+                _global(big).wire("float16")
+        else:
+            wire = _global(big).wire("float16")
+            assert sent in {float(x) for a in wire.values() for x in a.numpy().ravel()}
 
 
 def test_a_float16_site_whose_variance_reached_zero_is_not_taken_for_a_negative_one() -> None:

@@ -173,11 +173,33 @@ def test_resuming_a_complete_run_with_another_setting_names_the_change(tmp_path:
     from fl_server.runfolder import Reference, RunFolderError, refuse
 
     done = Reference(load_config(), {"num-rounds": 2}, {}, done=2)
+    (tmp_path / "summary.json").write_text("{}")  # written as the run ended
     with pytest.raises(RunFolderError, match=r"this command changes: clients: 2 -> 3"):
         refuse(tmp_path, ["clients: 2 -> 3"], done, {"num-rounds": 2})
     with pytest.raises(RunFolderError, match=r"the run is complete .*larger --rounds"):
         refuse(tmp_path, [], done, {"num-rounds": 2})
     refuse(tmp_path, [], done, {"num-rounds": 3})  # more rounds: resumed
+
+
+def test_a_run_stopped_in_its_final_evaluation_resumes_to_its_end(tmp_path: Path,
+                                                                  synth_root: Path) -> None:
+    """The last round's line comes with the final evaluation (one round late): a centre that
+    stopped during it leaves the last checkpoint and no summary. ``--resume`` then runs that
+    evaluation alone and writes the same last line, final.pt and the summary."""
+    out = tmp_path / "run"
+    flags = ("--clients", "2", "--rounds", "2", "--variant", "unet", "--local-epochs", "1")
+    assert _sim(synth_root, out, *flags) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n")  # as the centre left it
+    for name in ("summary.json", "final.pt"):
+        (out / name).unlink()
+    assert _sim(synth_root, out, "--resume") == 0
+    again = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(again) == 2 and again[0] == lines[0]
+    assert json.loads(again[1])["dice"] == json.loads(lines[1])["dice"]
+    assert json.loads(again[1])["sites"] == json.loads(lines[1])["sites"]
+    assert (out / "final.pt").stat().st_ino == (out / "round_002.pt").stat().st_ino
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
 def test_a_resume_that_changes_the_wire_says_so(tmp_path: Path, synth_root: Path) -> None:
