@@ -24,6 +24,7 @@ from pathlib import Path
 from egcmf_model.data.sites import check_site, load_site_meta
 from fl_common.address import Address, check_insecure, parse_address
 from fl_common.files import atomic_write, private_dir
+from fl_common.localtls import LOOPBACK, write_local_identity
 from fl_common.procs import Children, flower_env, flower_executable, free_port, supervised
 
 from .centre import Centre, RunState, tls_reachable
@@ -33,6 +34,7 @@ from .state import site_state_dir
 
 log = logging.getLogger("fl-client")
 NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
+PORT_TAKEN = "address already in use"  # the node's local port: another process holds it
 CONNECTED = "SuperNode ID"
 POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
 
@@ -105,6 +107,7 @@ class Session:
         runtime = private_dir(state / "runtime", "--state-dir")
         self.secret, self.status_file = runtime / "secret", runtime / "status.json"
         atomic_write(self.secret, secrets.token_bytes(32), private=True)  # new every start
+        self.local_cert, self.local_key = write_local_identity(runtime)  # new every start
         self.status_file.unlink(missing_ok=True)
         self.port, self.starts = free_port(), 0
         self.node_config = {"site": opts.site, "data": str(opts.data.resolve()),
@@ -147,6 +150,11 @@ class Session:
         self.seen += len(text)
         if NOT_TRUSTED in text:
             raise JoinError(f"the server {self.server} is not trusted by {self.opts.ca}", 4)
+        if PORT_TAKEN in text:
+            raise JoinError(f"{LOOPBACK}:{self.port}, the port between this site's node and its "
+                            "runner, is held by another process (another user's, or an "
+                            "fl-client still running); this site's node cannot start. Stop "
+                            "that process, or start fl-client again (it picks a new port)", 6)
         if CONNECTED in text:
             self.connected, self.announced = True, False
             log.info("connected to %s as site %s; waiting for rounds (log %s)", self.server,
@@ -185,7 +193,8 @@ class Session:
         self.supernode = self._start_supernode()
 
     def _start_runner(self):
-        args = [sys.executable, "-m", "fl_client.runner", "--runtime", f"127.0.0.1:{self.port}",
+        args = [sys.executable, "-m", "fl_client.runner", "--runtime", f"{LOOPBACK}:{self.port}",
+                "--runtime-cert", str(self.local_cert),
                 "--secret-file", str(self.secret), "--status-file", str(self.status_file),
                 "--node-config", json.dumps(self.node_config)]
         if self.opts.ca is not None:
@@ -195,7 +204,9 @@ class Session:
     def _start_supernode(self):
         args = [flower_executable("flower-supernode"), "--superlink", str(self.server),
                 "--isolation", "process", "--superexec-auth-secret-file", str(self.secret),
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", LOOPBACK, "--port", str(self.port),
+                "--ssl-certfile", str(self.local_cert), "--ssl-keyfile", str(self.local_key),
+                "--ssl-ca-certfile", str(self.local_cert)]
         if self.opts.insecure:
             args.append("--insecure")
         else:

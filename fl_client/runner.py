@@ -38,6 +38,7 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from google.protobuf.message import DecodeError
 
 from fl_common.appsign import AppRejected, load_ca, verify_run
 from fl_common.files import atomic_write
@@ -49,6 +50,7 @@ ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 @dataclass(frozen=True)
 class RunnerOptions:
     runtime: str  # HOST:PORT of the SuperNode's Runtime API (loopback)
+    runtime_cert: Path | None  # the certificate it serves (fl_common.localtls); None: plain
     secret_file: Path  # shared with the SuperNode (--superexec-auth-secret-file)
     status_file: Path  # what fl-client reads: run, node, round, whether the last round is done
     node_config: dict[str, Any]  # site, data, device, state-dir, DP settings
@@ -64,11 +66,19 @@ class Runner:
         self.ca = None if opts.ca is None else load_ca(opts.ca.read_bytes())
         self.verdicts: dict[tuple[int, str], str | None] = {}  # refusal reason, None if signed
         self.status: dict[str, Any] = {}
-        self.acquire = RuntimeHttpClient.from_server_address(
-            opts.runtime, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                          SuperExecAuthHttpInterceptor(master_secret=opts.secret_file.read_bytes(),
-                                                       protected_methods=frozenset({ACQUIRE}))])
+        self.logged: set[str] = set()
+        self.trusted = None if opts.runtime_cert is None else opts.runtime_cert.read_bytes()
+        self.acquire = self._client(
+            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+            SuperExecAuthHttpInterceptor(master_secret=opts.secret_file.read_bytes(),
+                                         protected_methods=frozenset({ACQUIRE})))
+
+    def _client(self, *interceptors: Any) -> RuntimeHttpClient:
+        """A client of the SuperNode's Runtime API that trusts only the certificate fl-client
+        made for it: another process on the port cannot pass for the SuperNode."""
+        return RuntimeHttpClient.from_server_address(
+            self.opts.runtime, insecure=self.trusted is None, root_certificates=self.trusted,
+            interceptors=list(interceptors))
 
     def serve_forever(self) -> None:
         while True:
@@ -82,17 +92,33 @@ class Runner:
         try:
             res = self.acquire.AcquireTask(
                 AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        except httpx.HTTPError as exc:  # the SuperNode is (re)starting
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not our SuperNode: ask it nothing
+                self._once(f"the process at {self.opts.runtime} is not this site's node (its "
+                           "TLS certificate is not the one fl-client made); not asking it for "
+                           "work")
+            else:  # the SuperNode is (re)starting
+                log.debug("no task from the SuperNode yet: %s", exc)
+            return None
+        except httpx.HTTPError as exc:
             log.debug("no task from the SuperNode yet: %s", exc)
+            return None
+        except (ValueError, DecodeError) as exc:  # an answer that is not the Runtime API's
+            self._once(f"the node at {self.opts.runtime} answered something unreadable "
+                       f"({exc}); ignoring it")
             return None
         return res.token if res.HasField("task") and res.token else None
 
+    def _once(self, problem: str) -> None:
+        """Log ``problem`` the first time only (the runner asks ten times a second)."""
+        if problem not in self.logged:
+            self.logged.add(problem)
+            log.error("%s", problem)
+
     def run_task(self, token: str) -> None:
         """One task: pull its message, check the run, answer, push reply and result."""
-        client = RuntimeHttpClient.from_server_address(
-            self.opts.runtime, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)])
+        client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                              RuntimeTokenHttpInterceptor(token))
         heartbeat = HeartbeatSender(_task_heartbeat(client))
         heartbeat.start()
         context, sub_status, details = None, SubStatus.FAILED, "task failed"
@@ -198,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fl_client.runner",
                                 description="the site's task runner (fl-client starts it)")
     p.add_argument("--runtime", required=True)
+    p.add_argument("--runtime-cert", type=Path, help="the certificate the SuperNode serves "
+                   "(default: a plain connection)")
     p.add_argument("--secret-file", type=Path, required=True)
     p.add_argument("--status-file", type=Path, required=True)
     p.add_argument("--node-config", required=True, help="JSON")
@@ -207,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="fl-client: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    Runner(RunnerOptions(args.runtime, args.secret_file, args.status_file,
+    Runner(RunnerOptions(args.runtime, args.runtime_cert, args.secret_file, args.status_file,
                          json.loads(args.node_config), args.ca)).serve_forever()
 
 
