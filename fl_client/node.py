@@ -30,7 +30,7 @@ from fl_common.procs import Children, flower_env, flower_executable, free_port, 
 from .centre import Centre, RunState, tls_reachable
 from .options import JoinError, JoinOptions
 from .runner import read_status
-from .state import site_state_dir
+from .state import SiteLock, site_state_dir
 
 log = logging.getLogger("fl-client")
 NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
@@ -51,19 +51,26 @@ def join(opts: JoinOptions) -> None:
         except ValueError as exc:
             raise JoinError(str(exc), 2) from exc
     else:
-        for needed in (opts.certs / "ca.crt", opts.key):
-            if not needed.exists():
-                raise JoinError(f"{needed} is missing: make this site's key with fl-client "
-                                f"keygen --site {opts.site} --out {opts.certs}, send "
-                                f"sites/{opts.site}.pub to the coordinating centre, and put "
-                                "the centre's ca.crt beside it", 2)
+        if not opts.key.exists():
+            raise JoinError(f"{opts.key} is missing: make this site's key with fl-client "
+                            f"keygen --site {opts.site} --out {opts.certs}, send "
+                            f"sites/{opts.site}.pub to the coordinating centre, and put "
+                            "the centre's ca.crt beside it", 2)
+        if not (opts.certs / "ca.crt").exists():
+            raise JoinError(f"{opts.certs / 'ca.crt'} is missing: ask the coordinating centre "
+                            f"for its ca.crt (public; fl-server certs made it) and put it in "
+                            f"{opts.certs}", 2)
     try:
         state = site_state_dir(opts.state_dir, opts.site)
+        lock = SiteLock(state, opts.site)
     except ValueError as exc:
         raise JoinError(str(exc), 2) from exc
-    wait_for_server(server, opts.ca, opts.max_wait)
-    with supervised() as children:
-        Session(opts, server, state, children).run()
+    try:
+        wait_for_server(server, opts.ca, opts.max_wait)
+        with supervised() as children:
+            Session(opts, server, state, children).run()
+    finally:
+        lock.release()
 
 
 def _check_site(opts: JoinOptions) -> None:
@@ -118,11 +125,15 @@ class Session:
         self.centre = Centre(server, opts.ca, None if opts.insecure else opts.key)
 
     def run(self) -> None:
-        self.runner, self.supernode = self._start_runner(), self._start_supernode()
-        self.last_contact = self.last_probe = self.unaccepted_since = time.monotonic()
-        self.connected, self.announced = False, False
-        while not self._step():
-            time.sleep(POLL)
+        try:
+            self.runner, self.supernode = self._start_runner(), self._start_supernode()
+            self.last_contact = self.last_probe = self.unaccepted_since = time.monotonic()
+            self.connected, self.announced = False, False
+            while not self._step():
+                time.sleep(POLL)
+        finally:  # the runtime secrets serve this start alone (the children hold them now)
+            for path in (self.secret, self.local_cert, self.local_key, self.status_file):
+                path.unlink(missing_ok=True)
 
     def _step(self) -> bool:
         """One look at the node, the runner and the centre; True once the federation is over."""

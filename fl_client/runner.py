@@ -191,10 +191,13 @@ class Runner:
 
 
 def _task(message: Message) -> str:
-    """What a message asks: ``evaluate``, ``train``, or ``evaluate and train``."""
+    """What a message asks: ``evaluate``, ``train``, ``evaluate and train``, or the final
+    evaluation of the last round's model."""
     kind = message.metadata.message_type
     config = message.content["config"] if message.has_content() and \
         "config" in message.content else {}
+    if kind == MessageType.EVALUATE and config.get("final-evaluation"):
+        return "final evaluation (the last round's model)"
     return f"evaluate and {kind}" if kind == MessageType.TRAIN and config.get("evaluate") \
         else kind
 

@@ -1,9 +1,10 @@
 """Where a hospital keeps what must outlive a run: never in a cache.
 
 ``<state-dir>/<site>/`` (mode 0700) holds the site's privacy ledger (``privacy.json``), its
-FedBN layers, the logs of its node, and ``runtime/``: the secret that lets only our runner take
-tasks from the local SuperNode, and the runner's status. Clearing a cache (``~/.cache``,
-``$EGCMF_CACHE``) never resets a privacy budget.
+FedBN layers, the logs of its node, the lock that keeps a second ``fl-client`` of the site out,
+and, while ``fl-client`` runs, ``runtime/``: the secret that lets only our runner take tasks
+from the local SuperNode, the TLS identity the node serves them with, and the runner's status.
+Clearing a cache (``~/.cache``, ``$EGCMF_CACHE``) never resets a privacy budget.
 
 Default: ``$EGCMF_STATE_DIR``, else ``$XDG_STATE_HOME/egcmf-fl``, else
 ``~/.local/state/egcmf-fl`` (the XDG base-directory place for state that is not a cache).
@@ -11,7 +12,9 @@ Default: ``$EGCMF_STATE_DIR``, else ``$XDG_STATE_HOME/egcmf-fl``, else
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 from pathlib import Path
 
 from fl_common.files import private_dir
@@ -27,6 +30,38 @@ def default_state_dir() -> Path:
 
 
 def site_state_dir(root: Path, site: str) -> Path:
-    """``root/site``, created private (0700); a ``ValueError`` if it cannot be written."""
-    private_dir(root, "--state-dir")
+    """``root/site``, created private (0700); a ``ValueError`` if it cannot be written. ``root``
+    is created private when missing; one that exists is used as it is, never re-moded, and
+    refused when other users may write in it (``/tmp``, say): they could put files, or links,
+    where the site keeps its privacy ledger."""
+    root = root.expanduser()
+    if not root.exists():
+        private_dir(root, "--state-dir")
+    elif root.is_dir() and stat.S_IMODE(root.stat().st_mode) & 0o022:
+        raise ValueError(f"--state-dir {root} can be written by other users (mode "
+                         f"{stat.S_IMODE(root.stat().st_mode):o}); choose a folder of this "
+                         f"user's own (the default is {default_state_dir()})")
     return private_dir(root / site, "--state-dir")
+
+
+class SiteLock:
+    """One ``fl-client`` per site and state folder: a lock on ``<state>/fl-client.lock``,
+    held while it runs and released by the operating system however it ends."""
+
+    def __init__(self, state: Path, site: str) -> None:
+        self.path = state / "fl-client.lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"another fl-client for site {site} is running with this "
+                             f"--state-dir (pid {holder}); stop it first (one per site), or "
+                             f"check its log in {state / 'logs'}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)

@@ -142,8 +142,9 @@ def _start(args: argparse.Namespace) -> int:
                         certs=None if args.insecure else args.certs)
     summary = start_federation(opts)
     best = summary.get("best") or {}
+    dice = best.get("dice")
     log.info("done: %d rounds; best Dice %s in round %s; files in %s", summary["rounds"],
-             best.get("dice"), best.get("round"), run_dir)
+             "n/a" if dice is None else f"{dice:.4f}", best.get("round"), run_dir)
     return 0
 
 

@@ -35,7 +35,7 @@ from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
 from .global_model import GlobalModel, slots_named
 from .identity import SiteIdentity
 from .lines import evaluation_part, merge, training_part
-from .recorder import RunRecorder
+from .recorder import RunRecorder, sites_of
 from .settings import RUN_DEFINING, FederationSettings, run_config_key
 from .strategy import (
     StrategyOptions,
@@ -325,22 +325,27 @@ class Rounds:
         return messages
 
     def _replies(self, messages: list[Message], rnd: int, stage: str) -> list[Message]:
-        return _replies(exchange(self.grid, messages, self.settings.timeout), rnd, stage,
-                        self.recorder, self.settings)
+        replies, sent_to = exchange(self.grid, messages, self.settings.timeout)
+        return _replies(replies, sent_to, rnd, stage, self.recorder, self.settings)
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float
+             ) -> tuple[list[Message], dict[str, int]]:
     """Flower's ``send_and_receive``, asking for replies every ``REPLY_POLL`` seconds (Flower's
-    own asks every 3 s, which a round would wait for twice)."""
-    waiting = set(grid.push_messages(messages))
-    deadline, replies = time.monotonic() + timeout, []
+    own asks every 3 s, which a round would wait for twice). Also returns the node each message
+    went to, by message id: an error that the SuperLink answers for a node that went away comes
+    from the SuperLink's own node id, not the site's."""
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    sent_to = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    waiting, deadline, replies = set(ids), time.monotonic() + timeout, []
     while waiting and time.monotonic() < deadline:
         got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {msg.metadata.reply_to_message_id for msg in got}
         if waiting:
             time.sleep(REPLY_POLL)
-    return replies
+    return replies, sent_to
 
 
 def site_of(msg: Message) -> str:
@@ -357,14 +362,15 @@ def _claimed_name(msg: Message) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
-             settings: FederationSettings) -> list[Message]:
+def _replies(replies: Any, sent_to: dict[str, int], rnd: int, stage: str,
+             recorder: RunRecorder, settings: FederationSettings) -> list[Message]:
     """Successful replies from sites that are who they say, one per name, sorted by site name;
     failures, impostors and names claimed twice go to events.jsonl."""
     identity, good = SiteIdentity(settings.node_sites()), []
     for msg in replies:
         node = msg.metadata.src_node_id
-        if msg.has_error():
+        if msg.has_error():  # named by the node the message went to
+            node = sent_to.get(msg.metadata.reply_to_message_id, node)
             recorder.event("error", f"round {rnd} {stage}: {identity.describe(node)} failed: "
                            f"{msg.error.reason}", round=rnd)
             continue
@@ -386,5 +392,5 @@ def _replies(replies: Any, rnd: int, stage: str, recorder: RunRecorder,
 
 def _log_round(rnd: int, total: int, line: dict[str, Any]) -> None:
     log.info("round %d/%d  dice %.4f  miou %.4f  acc %.4f  loss %.4f  sites %s", rnd, total,
-             line["dice"], line["miou"], line["acc"], line["loss"], ", ".join(line["sites"]))
+             line["dice"], line["miou"], line["acc"], line["loss"], sites_of(line))
 

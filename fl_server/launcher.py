@@ -26,9 +26,11 @@ from fl_common.procs import Children, flower_env, port_open, supervised
 from .certs import APP_SIGNING, renew_app_signing, site_caps, site_public_keys
 from .control import Control, Patient, build_fab
 from .metrics_tail import MetricsTail
+from .recorder import sites_of
 from .settings import run_config_defaults
 
 log = logging.getLogger("fl-server")
+ROUTINE_EVENTS = ("resume", "wire", "rounds")  # events.jsonl kinds shown as information
 CONNECTION = "egcmf"
 POLL_SECONDS = 1.0
 SUPEREXEC_POLL = 0.2  # seconds; Flower's default is 1
@@ -95,6 +97,7 @@ def _start_superlink(children: Children, opts: StartOptions) -> str:
                                f"see {log_file}")
         time.sleep(0.2)
     control = json.loads(ready.read_text())["control"]
+    ready.unlink()  # read once: the run folder keeps only what describes the run
     log.info("SuperLink listening on %s: Fleet API only (%s); Control API on %s",
              opts.address, "INSECURE, no TLS" if opts.insecure else
              "TLS, site authentication on", control)
@@ -179,9 +182,11 @@ def signature(certs: Path, fab_hash: str, run_config: dict[str, Any]) -> dict[st
 def _follow(control: Control, opts: StartOptions, run_id: int, children: Children) -> dict:
     """Print each new round from metrics.jsonl until the run reaches a final status."""
     tail = MetricsTail(opts.run_dir / "metrics.jsonl")
+    events = MetricsTail(opts.run_dir / "events.jsonl")
     status = Patient(f"asking the SuperLink for run {run_id}'s status", opts.status_patience)
     rounds = opts.run_config["num-rounds"]
     while True:
+        _show_events(events)
         _show(tail, rounds)
         run = status.call(lambda: control.run_info(run_id))
         if run is not None and str(run.get("status", "")).startswith("finished"):
@@ -191,6 +196,7 @@ def _follow(control: Control, opts: StartOptions, run_id: int, children: Childre
                 raise RuntimeError(f"{name} stopped unexpectedly (code {proc.returncode}); "
                                    f"see {opts.run_dir / (name + '.log')}")
         time.sleep(max(POLL_SECONDS, status.delay))
+    _show_events(events)
     _show(tail, rounds)
     summary_path = opts.run_dir / "summary.json"
     if run["status"] != "finished:completed" or not summary_path.exists():
@@ -206,4 +212,12 @@ def _follow(control: Control, opts: StartOptions, run_id: int, children: Childre
 def _show(tail: MetricsTail, rounds: int) -> None:
     for x in tail.new_lines():
         log.info("round %d/%d  dice %s  sites %s", x["round"], rounds,
-                 "n/a" if x["dice"] is None else f"{x['dice']:.4f}", ", ".join(x["sites"]))
+                 "n/a" if x["dice"] is None else f"{x['dice']:.4f}", sites_of(x))
+
+
+def _show_events(tail: MetricsTail) -> None:
+    """What the run's events.jsonl says, as it happens: a site that failed or was rejected, a
+    round that left the model unchanged (warnings), a resume (information)."""
+    for event in tail.new_lines():
+        level = logging.INFO if event.get("kind") in ROUTINE_EVENTS else logging.WARNING
+        log.log(level, "%s", event.get("message", event))

@@ -53,6 +53,14 @@ def clean(value: Any) -> Any:
     return value
 
 
+def sites_of(line: dict[str, Any]) -> str:
+    """The sites of a metrics line, and those among them that did not train that round (they
+    evaluated the round's model only: a site that rejoined, or whose update was refused)."""
+    untrained = [site for site, values in line["sites"].items() if "steps" not in values]
+    note = f" ({', '.join(untrained)} did not train)" if untrained else ""
+    return ", ".join(line["sites"]) + note
+
+
 def round_file(run_dir: Path, number: int) -> Path:
     return run_dir / f"round_{number:03d}.pt"
 

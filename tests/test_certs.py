@@ -211,6 +211,65 @@ def test_client_refuses_a_state_folder_it_cannot_write(tmp_path: Path, synth_roo
     assert "Traceback" not in err
 
 
+def test_a_site_without_the_centres_ca_is_told_to_ask_for_it(tmp_path: Path,
+                                                             synth_root: Path, capsys) -> None:
+    """A hospital that made its key but has no ca.crt yet is told to get ca.crt from the
+    centre, not to make a key it already has."""
+    hospital = tmp_path / "certs"
+    assert client_main(["keygen", "--site", "plagh", "--out", str(hospital)]) == 0
+    capsys.readouterr()
+    code = client_main(["--site", "plagh", "--data", str(synth_root / "site_01"), "--certs",
+                        str(hospital), "--state-dir", str(tmp_path / "state")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{hospital / 'ca.crt'} is missing: ask the coordinating centre for its ca.crt" in err
+    assert "keygen" not in err
+
+
+def test_a_state_folder_others_can_write_is_refused_and_never_re_moded(
+        tmp_path: Path, synth_root: Path, capsys) -> None:
+    """``--state-dir /tmp`` (or any folder other users may write in) is refused in one line and
+    left as it was; a folder of the user's own keeps its mode, and the site's folder inside it
+    is private; a missing one is made private."""
+    from fl_client.state import site_state_dir
+
+    make_certificates(tmp_path / "certs", ["plagh"])
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    code = client_main(["--site", "plagh", "--data", str(synth_root / "site_01"), "--certs",
+                        str(tmp_path / "certs"), "--state-dir", str(shared)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "can be written by other users (mode 1777)" in err
+    assert "Traceback" not in err
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert list(shared.iterdir()) == []
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    own.chmod(0o755)
+    site = site_state_dir(own, "plagh")
+    assert stat.S_IMODE(own.stat().st_mode) == 0o755
+    assert stat.S_IMODE(site.stat().st_mode) == 0o700
+    fresh = site_state_dir(tmp_path / "new" / "state", "plagh")
+    assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+
+
+def test_a_second_fl_client_for_the_same_site_is_refused(tmp_path: Path) -> None:
+    """Two fl-clients of one site and state folder would overwrite each other's runtime
+    secrets: the second is refused, naming the first's pid, until the first has stopped."""
+    from fl_client.state import SiteLock, site_state_dir
+
+    state = site_state_dir(tmp_path / "state", "plagh")
+    first = SiteLock(state, "plagh")
+    with pytest.raises(ValueError, match=rf"another fl-client for site plagh is running with "
+                                         rf"this --state-dir \(pid {os.getpid()}\)"):
+        SiteLock(state, "plagh")
+    SiteLock(site_state_dir(tmp_path / "state", "other"), "other").release()  # another site
+    first.release()
+    SiteLock(state, "plagh").release()  # the first has stopped: the next one starts
+
+
 def test_insecure_refuses_addresses_beyond_loopback(tmp_path: Path, synth_root: Path,
                                                     capsys, monkeypatch) -> None:
     monkeypatch.delenv("EGCMF_ALLOW_INSECURE_NETWORK", raising=False)

@@ -189,10 +189,14 @@ def test_the_readmes_federation_runs_as_written(tmp_path: Path, synth_root: Path
             assert "signed by" in out
             # one model message per round (evaluate the model received, then train on it),
             # and one evaluation-only message for the last model
-            assert re.findall(r"round (\d+): ([a-z ]+) answered", out) == [
-                ("1", "evaluate and train"), ("2", "evaluate and train"), ("2", "evaluate")]
+            assert re.findall(r"round (\d+): (.+?) answered", out) == [
+                ("1", "evaluate and train"), ("2", "evaluate and train"),
+                ("2", "final evaluation (the last round's model)")]
     finally:
         _stop(server, *clients)
+    for site in sites:  # the runtime secrets served that start alone; the lock stays, unheld
+        runtime = tmp_path / site / "state" / site / "runtime"
+        assert sorted(p.name for p in runtime.iterdir()) == [], runtime
     run_dir = centre / "runs" / "check"
     assert [x["round"] for x in _metrics(run_dir)] == [1, 2]
     assert all(set(x["sites"]) == set(sites) for x in _metrics(run_dir))
@@ -381,8 +385,8 @@ def test_a_site_that_dies_rejoins_the_running_federation(federation: Path,
         _wait_until(lambda: any("round 2 train" in e["message"] for e in _events(tmp / "run")),
                     server, deadline)
         site_b = _client(tmp, port, "siteB", synth_root / "site_02", max_wait=60)
-        code, out = _finish(server, max(10.0, deadline - time.monotonic()))
-        assert code == 0, out
+        code, centre_out = _finish(server, max(10.0, deadline - time.monotonic()))
+        assert code == 0, centre_out
         code, out = _finish(site_b, 30)
         assert code == 0, out
     finally:
@@ -391,7 +395,10 @@ def test_a_site_that_dies_rejoins_the_running_federation(federation: Path,
     assert [x["round"] for x in lines] == [1, 2, 3]
     assert "train_loss" not in lines[1]["sites"].get("siteB", {})  # missed round 2's training
     assert "train_loss" in lines[2]["sites"]["siteB"]  # back for round 3
-    assert any("failed" in e["message"] for e in _events(tmp / "run"))
+    # named by its site, in events.jsonl and on the centre's screen
+    failed = re.compile(r"round 2 train: site siteB \(node \d+\) failed")
+    assert any(failed.match(e["message"]) for e in _events(tmp / "run"))
+    assert failed.search(centre_out), centre_out
     _no_leftovers(tmp, port)
 
 

@@ -79,13 +79,17 @@ def test_a_failed_checkpoint_write_stops_the_run_before_its_next_round(
 
     monkeypatch.setattr(recorder_module, "write_checkpoint", full_disk)
     rec = _recorder(tmp_path)
-    deadline = time.monotonic() + 30
-    with pytest.raises(RunFolderWriteError, match=r"could not write the run folder .*No space "
-                                                  r"left on device.*continue with --resume"):
+
+    def round_then_next() -> None:
         rec.record_round(1, _state(1), _line(0.1))  # returns unless the write failed at once
-        while time.monotonic() < deadline:  # what a round does before it sends anything
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # what the next round does before it sends
             rec.check_writes()
             time.sleep(0.01)
+
+    with pytest.raises(RunFolderWriteError, match=r"could not write the run folder .*No space "
+                                                  r"left on device.*continue with --resume"):
+        round_then_next()
     assert not (tmp_path / "metrics.jsonl").exists()  # no line without its checkpoint
 
 
@@ -134,3 +138,29 @@ def test_a_sites_failure_and_a_rounds_warning_reach_the_screen_too(
     assert all(r.levelname == "WARNING" for r in caplog.records)
     kinds = [json.loads(x)["kind"] for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert kinds == ["error", "warning", "resume"]
+
+
+def test_a_site_that_went_away_is_named_and_its_round_says_it_did_not_train(
+        tmp_path: Path) -> None:
+    """When a site's node dies mid-round, the SuperLink answers for it from its own node id:
+    the event names the site the message went to. A round's line on the screen names the sites
+    that only evaluated (a site that rejoined, or whose update was refused)."""
+    from types import SimpleNamespace
+
+    from fl_server.federation import _replies
+    from fl_server.recorder import sites_of
+    from fl_server.settings import FederationSettings
+
+    rec = _recorder(tmp_path)
+    gone = SimpleNamespace(has_error=lambda: True,
+                           error=SimpleNamespace(reason="Node Unavailable"),
+                           metadata=SimpleNamespace(src_node_id=1, reply_to_message_id="m2"))
+    settings = FederationSettings(site_nodes=json.dumps({"42": "site_02", "7": "site_01"}))
+    assert _replies([gone], {"m1": 7, "m2": 42}, 2, "train", rec, settings) == []
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[0]["message"] == ("round 2 train: site site_02 (node 42) failed: Node "
+                                    "Unavailable")
+    line = {"sites": {"site_01": {"dice": 0.5, "steps": 14}, "site_02": {"dice": 0.4}}}
+    assert sites_of(line) == "site_01, site_02 (site_02 did not train)"
+    line["sites"]["site_02"]["steps"] = 14
+    assert sites_of(line) == "site_01, site_02"

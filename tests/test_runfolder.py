@@ -195,7 +195,8 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_to_its_end(tmp_path: Path
         (out / name).unlink()
     assert _sim(synth_root, out, "--resume") == 0
     again = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(again) == 2 and again[0] == lines[0]
+    assert len(again) == 2
+    assert again[0] == lines[0]
     assert json.loads(again[1])["dice"] == json.loads(lines[1])["dice"]
     assert json.loads(again[1])["sites"] == json.loads(lines[1])["sites"]
     assert (out / "final.pt").stat().st_ino == (out / "round_002.pt").stat().st_ino
