@@ -111,6 +111,8 @@ class Session:
                  children: Children) -> None:
         self.opts, self.server, self.children = opts, server, children
         self.logs = private_dir(state / "logs", "--state-dir")
+        # Flower's own files (it keeps an id there even with telemetry off), never in the home
+        self.env = flower_env(FLWR_HOME=str(private_dir(state / "flwr", "--state-dir")))
         runtime = private_dir(state / "runtime", "--state-dir")
         self.secret, self.status_file = runtime / "secret", runtime / "status.json"
         atomic_write(self.secret, secrets.token_bytes(32), private=True)  # new every start
@@ -210,7 +212,7 @@ class Session:
                 "--node-config", json.dumps(self.node_config)]
         if self.opts.ca is not None:
             args += ["--ca", str(self.opts.ca)]
-        return self.children.start("runner", args, None, flower_env())
+        return self.children.start("runner", args, None, self.env)
 
     def _start_supernode(self):
         args = [flower_executable("flower-supernode"), "--superlink", str(self.server),
@@ -226,4 +228,4 @@ class Session:
         self.starts += 1
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.log_file, self.seen = self.logs / f"supernode-{stamp}-{self.starts}.log", 0
-        return self.children.start("supernode", args, self.log_file, flower_env())
+        return self.children.start("supernode", args, self.log_file, self.env)

@@ -84,9 +84,12 @@ def _start_superlink(children: Children, opts: StartOptions) -> str:
         args += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
                  "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"]
     log_file = opts.run_dir / "superlink.log"
-    # Flower's SuperExec starts the ServerApp once it sees the run; it looks every second
+    # Flower's SuperExec starts the ServerApp once it sees the run (it looks every second, unless
+    # told otherwise); Flower's files (the app it installs for the ServerApp, an id it keeps even
+    # with telemetry off) go to the run folder's .flwr/, never the user's home
     proc = children.start("superlink", args, log_file,
-                          flower_env(FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL)))
+                          flower_env(FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL),
+                                     FLWR_HOME=str((opts.run_dir / ".flwr").resolve())))
     deadline = time.monotonic() + opts.startup_timeout
     while not ready.exists():
         if proc.poll() is not None:

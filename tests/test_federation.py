@@ -32,7 +32,7 @@ SKIP = ["--set", "model.variant=unet", "--set", "train.skip=true"]
 
 def _env(tmp: Path, state: str = "state") -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "EGCMF_CACHE": str(tmp / "cache"),
-            "EGCMF_STATE_DIR": str(tmp / state)}
+            "EGCMF_STATE_DIR": str(tmp / state), "HOME": str(tmp / "home")}
 
 
 def _server(tmp: Path, port: int, rounds: int, *extra: str, min_sites: int = 2,
@@ -197,6 +197,8 @@ def test_the_readmes_federation_runs_as_written(tmp_path: Path, synth_root: Path
     for site in sites:  # the runtime secrets served that start alone; the lock stays, unheld
         runtime = tmp_path / site / "state" / site / "runtime"
         assert sorted(p.name for p in runtime.iterdir()) == [], runtime
+        assert not (tmp_path / site / "home" / ".flwr").exists()  # Flower's files: in the state
+    assert not (centre / "home" / ".flwr").exists()
     run_dir = centre / "runs" / "check"
     assert [x["round"] for x in _metrics(run_dir)] == [1, 2]
     assert all(set(x["sites"]) == set(sites) for x in _metrics(run_dir))
