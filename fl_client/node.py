@@ -37,6 +37,7 @@ NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
 PORT_TAKEN = "address already in use"  # the node's local port: another process holds it
 CONNECTED = "SuperNode ID"
 POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
+SAY_AGAIN = 30.0  # seconds between two "not reachable yet" lines
 
 
 def join(opts: JoinOptions) -> None:
@@ -86,7 +87,8 @@ def _check_site(opts: JoinOptions) -> None:
 
 def wait_for_server(server: Address, ca: Path | None, max_wait: float) -> None:
     """Return once a (TLS) connection succeeds; retry while unreachable; fail fast on trust."""
-    deadline, delay = time.monotonic() + max_wait, 0.5
+    start = time.monotonic()
+    deadline, delay, said = start + max_wait, 0.5, -SAY_AGAIN
     while True:
         try:
             tls_reachable(server, ca)
@@ -99,7 +101,10 @@ def wait_for_server(server: Address, ca: Path | None, max_wait: float) -> None:
                 raise JoinError(f"the server {server} is unreachable after {max_wait:.0f}s "
                                 f"({exc.strerror or exc}); is fl-server start running?", 3) \
                     from exc
-            log.info("server %s not reachable yet (%s); retrying", server, exc.strerror or exc)
+            if time.monotonic() - said >= SAY_AGAIN:  # once, then every SAY_AGAIN seconds
+                said = time.monotonic()
+                log.info("server %s not reachable yet (%s); retrying for up to %.0fs more",
+                         server, exc.strerror or exc, deadline - said)
             time.sleep(delay)
             delay = min(delay * 1.5, 10.0)
 

@@ -151,3 +151,19 @@ def test_fl_client_stops_in_words_when_another_process_holds_its_nodes_port(
                                         r"and its runner, is held by another process") as err:
         Session._read_node_log(session)
     assert err.value.code == 6
+
+
+def test_fl_client_waiting_for_the_centre_says_so_once_not_at_every_try(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A site started before the centre retries quietly (one line, then one every 30 s) and
+    stops after --max-wait with what to check."""
+    from fl_client.node import wait_for_server
+    from fl_client.options import JoinError
+    from fl_common.address import parse_address
+
+    server = parse_address(f"127.0.0.1:{free_port()}", "--server")
+    with caplog.at_level("INFO", logger="fl-client"), \
+            pytest.raises(JoinError, match="is fl-server start running") as err:
+        wait_for_server(server, None, max_wait=3.0)
+    assert err.value.code == 3
+    assert caplog.text.count("not reachable yet") == 1
