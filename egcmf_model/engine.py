@@ -165,10 +165,12 @@ class GpuSpeed:
         return contextlib.nullcontext()
 
     def place(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """``model`` in the memory format to use on ``device``."""
-        if device.type == "cuda" and self.channels_last:
-            return model.to(memory_format=torch.channels_last)
-        return model
+        """``model`` in the memory format to use on ``device``: channels-last where asked, on a
+        GPU; otherwise the standard one, also for a model that an earlier call (an evaluation
+        with other options, say) left channels-last."""
+        layout = (torch.channels_last if device.type == "cuda" and self.channels_last
+                  else torch.contiguous_format)
+        return model.to(memory_format=layout)
 
     def batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         batch = to_device(batch, device)

@@ -20,6 +20,8 @@ from pathlib import Path
 from fl_common.files import private_dir
 
 STATE_ENV = "EGCMF_STATE_DIR"
+OWN_FOLDER = ("choose a folder of this user's own (the default: $EGCMF_STATE_DIR, else "
+              "~/.local/state/egcmf-fl)")
 
 
 def default_state_dir() -> Path:
@@ -35,13 +37,30 @@ def site_state_dir(root: Path, site: str) -> Path:
     refused when other users may write in it (``/tmp``, say): they could put files, or links,
     where the site keeps its privacy ledger."""
     root = root.expanduser()
+    if root.is_dir() and stat.S_IMODE(root.stat().st_mode) & 0o022:
+        raise ValueError(f"--state-dir {root} can be written by other users (mode "
+                         f"{stat.S_IMODE(root.stat().st_mode):o}); {OWN_FOLDER}")
+    _check_parents(root)
     if not root.exists():
         private_dir(root, "--state-dir")
-    elif root.is_dir() and stat.S_IMODE(root.stat().st_mode) & 0o022:
-        raise ValueError(f"--state-dir {root} can be written by other users (mode "
-                         f"{stat.S_IMODE(root.stat().st_mode):o}); choose a folder of this "
-                         f"user's own (the default is {default_state_dir()})")
     return private_dir(root / site, "--state-dir")
+
+
+def _check_parents(root: Path) -> None:
+    """Refuse a state folder whose parents another user could rename or replace it in: owned
+    by another user (root aside), or writable by others without the sticky bit (``/tmp`` has
+    it). Such a user could move the privacy ledger away and reset the site's budget."""
+    for folder in Path(os.path.abspath(root)).resolve().parents:
+        if not folder.exists():  # made private below
+            continue
+        info = folder.stat()
+        if info.st_uid not in (0, os.getuid()):
+            raise ValueError(f"--state-dir {root}: {folder} belongs to another user, who "
+                             f"could move the site's state away; {OWN_FOLDER}")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise ValueError(f"--state-dir {root}: {folder} can be written by other users "
+                             f"(mode {stat.S_IMODE(info.st_mode):o}), who could move the "
+                             f"site's state away; {OWN_FOLDER}")
 
 
 class SiteLock:
@@ -50,7 +69,15 @@ class SiteLock:
 
     def __init__(self, state: Path, site: str) -> None:
         self.path = state / "fl-client.lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # never through a link, never another user's file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise ValueError(f"{self.path} cannot be opened ({exc.strerror or exc}); remove it "
+                             "if no fl-client of this site runs") from None
+        if os.fstat(fd).st_uid != os.getuid():
+            os.close(fd)
+            raise ValueError(f"{self.path} belongs to another user; remove it if no fl-client "
+                             "of this site runs")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

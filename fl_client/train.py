@@ -90,6 +90,8 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     loader = make_loader(records, classes, _with_seed(cfg, seed), train=True,
                          generator=generator, views=cfg.dp.augmentations if cfg.dp.enabled else 1)
     views = loader.dataset.views  # as the batches hold them
+    speed = training_speed(cfg)
+    speed.place(model, device)  # before Opacus wraps it (an evaluation may have moved it)
     trainable = set_trainable(model, frozen)
     sgd = cfg.dp.enabled and cfg.dp.optimizer == "sgd"
     optimizer = (torch.optim.SGD if sgd else torch.optim.Adam)(
@@ -117,7 +119,7 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         batches = loader if steps is None else itertools.islice(loader, steps - done)
         stats = train_epoch(trained, batches, optimizer, device, loss_fn,
                             on_empty=on_empty, scheduler=scheduler,
-                            speed=training_speed(cfg), before_step=before_step)
+                            speed=speed, before_step=before_step)
         done, epoch = done + stats["steps"], epoch + 1
         if not stats["steps"]:
             break

@@ -31,6 +31,7 @@ from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, frozen_parameters, load_encoders, seed_everything
 from egcmf_model.packing import INT, Layout, Slot
 from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
+from fl_common.text import printable
 
 from .global_model import GlobalModel, slots_named
 from .identity import SiteIdentity
@@ -138,7 +139,7 @@ def _resume(recorder: RunRecorder, network: torch.nn.Module, settings: Federatio
     """The last checkpointed round and its checkpoint, loaded into ``network`` (0, None if
     none); a larger number of rounds than the checkpoint's is recorded."""
     start, payload = recorder.last_round()
-    recorder.reopen(start - 1)  # round `start`'s line comes with the next round
+    recorder.reopen()  # round `start`'s line comes again with the next round
     if payload is None:
         return 0, None
     network.load_state_dict(payload["model"])
@@ -378,14 +379,14 @@ def _replies(replies: Any, sent_to: dict[str, int], rnd: int, stage: str,
         if problem is None:
             good.append(msg)
             continue
-        log.warning("round %d %s: %s", rnd, stage, problem.message)
+        log.warning("round %d %s: %s", rnd, stage, printable(problem.message))
         recorder.event("identity", f"round {rnd} {stage}: {problem.message}", round=rnd,
                        node=node, registered=problem.registered, claimed=problem.claimed)
     names = [site_of(m) for m in good]  # twice only where names are not registered
     for msg in [m for m in good if names.count(site_of(m)) > 1]:
         message = (f"round {rnd} {stage}: more than one reply under the name "
                    f"{site_of(msg)!r}; all of them are left out")
-        log.warning(message)
+        log.warning("%s", printable(message))
         recorder.event("identity", message, round=rnd, node=msg.metadata.src_node_id)
     return sorted([m for m in good if names.count(site_of(m)) == 1], key=site_of)
 

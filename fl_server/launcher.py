@@ -22,6 +22,7 @@ from typing import Any
 from fl_common.address import Address
 from fl_common.appsign import SIGNATURE_KEY, SIGNER_KEY, load_signing_key, sign_run
 from fl_common.procs import Children, flower_env, port_open, supervised
+from fl_common.text import printable
 
 from .certs import APP_SIGNING, renew_app_signing, site_caps, site_public_keys
 from .control import Control, Patient, build_fab
@@ -223,4 +224,4 @@ def _show_events(tail: MetricsTail) -> None:
     round that left the model unchanged (warnings), a resume (information)."""
     for event in tail.new_lines():
         level = logging.INFO if event.get("kind") in ROUTINE_EVENTS else logging.WARNING
-        log.log(level, "%s", event.get("message", event))
+        log.log(level, "%s", printable(str(event.get("message", event))))

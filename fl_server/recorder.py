@@ -32,12 +32,16 @@ import torch
 from egcmf_model.checkpoint import read_checkpoint, write_checkpoint
 from egcmf_model.config import Config
 from egcmf_model.metrics import selection_score
+from fl_common.files import atomic_write
+from fl_common.text import printable
 
 from .settings import DEFAULTS, check_keep_checkpoints
 
 log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
 SUMMARY_FILE = "summary.json"  # written when a run is complete
+# the temporary names of a checkpoint being written (write_checkpoint) or linked (link)
+PARTIAL_FILE = re.compile(r"^\.(round_\d{3,}|best|final)\.pt\.([a-z0-9_]{8}|link)$")
 
 
 class RunFolderWriteError(RuntimeError):
@@ -90,11 +94,13 @@ class RunRecorder:
         self._queued: list[Future] = []
         self._failed = False  # a write failed: nothing queued after it is written
         for partial in self.dir.glob(".*.pt.*"):  # a write cut short by a crash: never read
-            partial.unlink(missing_ok=True)
+            if PARTIAL_FILE.match(partial.name):
+                partial.unlink(missing_ok=True)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         """One line of events.jsonl; a site's failure and a round's warning also go to the
         screen (the other kinds are logged where they arise, or are routine)."""
+        message = printable(message)  # it may quote a site's own words
         if kind in ("error", "warning"):
             log.warning("%s", message)
         line = {"time": round(time.time(), 3), "kind": kind, "message": message, **fields}
@@ -143,20 +149,25 @@ class RunRecorder:
             future.result()
         self._queued = []
 
-    def reopen(self, last: int) -> None:
-        """A resume after round ``last``: metrics lines of later rounds go (it writes them
-        again), and so does the summary (the run is not complete until it ends again)."""
+    def reopen(self) -> None:
+        """A resume: a last metrics line that a crash cut short goes (the resumed run writes
+        that round's line again). Nothing else changes until the resumed run writes a line or a
+        checkpoint of its own, so a resume that stops early loses nothing."""
         self.flush()
-        kept = [line for line in self.metrics(partial_end=True) if line["round"] <= last]
-        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
-        (self.dir / SUMMARY_FILE).unlink(missing_ok=True)
+        lines, cut_short = self._read_metrics(partial_end=True)
+        if cut_short:
+            self._rewrite_metrics(lines)
 
-    def metrics(self, partial_end: bool = False) -> list[dict[str, Any]]:
-        """The lines of ``metrics.jsonl``. ``partial_end``: a last line that a crash cut short
-        is dropped (a resume writes it again)."""
+    def metrics(self) -> list[dict[str, Any]]:
+        """The lines of ``metrics.jsonl``."""
+        return self._read_metrics()[0]
+
+    def _read_metrics(self, partial_end: bool = False) -> tuple[list[dict[str, Any]], bool]:
+        """The lines, and whether the last was cut short by a crash (dropped when
+        ``partial_end``; an error naming the line otherwise, as for any damaged line)."""
         path = self.dir / "metrics.jsonl"
         if not path.exists():
-            return []
+            return [], False
         raw = [x for x in path.read_text().splitlines() if x.strip()]
         lines = []
         for number, text in enumerate(raw, 1):
@@ -165,10 +176,14 @@ class RunRecorder:
             except json.JSONDecodeError as exc:
                 if partial_end and number == len(raw):
                     log.warning("%s: dropping its last line, cut short (%s)", path, exc)
-                    break
+                    return lines, True
                 raise RunFolderWriteError(f"{path}, line {number}: not JSON ({exc}); mend or "
                                           "remove that line") from exc
-        return lines
+        return lines, False
+
+    def _rewrite_metrics(self, lines: list[dict[str, Any]]) -> None:
+        atomic_write(self.dir / "metrics.jsonl",
+                     "".join(json.dumps(x) + "\n" for x in lines).encode(), private=False)
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:
         self.flush()
@@ -184,7 +199,8 @@ class RunRecorder:
             summary["initial"] = self.initial
         if epsilon:
             summary["epsilon"] = epsilon
-        (self.dir / SUMMARY_FILE).write_text(json.dumps(clean(summary), indent=2))
+        atomic_write(self.dir / SUMMARY_FILE, json.dumps(clean(summary), indent=2).encode(),
+                     private=False)
         return summary
 
     def _improves(self, number: int, line: dict[str, Any]) -> bool:
@@ -197,8 +213,9 @@ class RunRecorder:
         return improved
 
     def check_writes(self) -> None:
-        """Raise what a finished write raised: before a round's messages go out, so that no
-        site trains a round whose result could not be kept."""
+        """Raise what a write that has finished by now raised: called before a round's
+        messages go out, so that a failed checkpoint stops the run a round early, not late (a
+        write still running is checked at the next call, or at the end)."""
         for future in [f for f in self._queued if f.done()]:
             future.result()
             self._queued.remove(future)
@@ -225,13 +242,19 @@ class RunRecorder:
     def _write_round(self, number: int, state: Mapping[str, torch.Tensor],
                      payload: dict[str, Any]) -> None:
         write_checkpoint(round_file(self.dir, number), state, self.cfg, self.classes, **payload)
+        (self.dir / SUMMARY_FILE).unlink(missing_ok=True)  # a new round: no longer complete
         for old, path in self._round_files():
             if old <= number - self.keep:
                 path.unlink(missing_ok=True)
 
     def _append_line(self, number: int, line: dict[str, Any], improved: bool) -> None:
+        """Round ``number``'s line; one that a resumed run writes again replaces the earlier
+        line of that round (and of any later one)."""
         if improved:
             link(round_file(self.dir, number), self.dir / "best.pt")
+        earlier = self.metrics()
+        if any(x["round"] >= number for x in earlier):
+            self._rewrite_metrics([x for x in earlier if x["round"] < number])
         with (self.dir / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(clean({"round": number, **line})) + "\n")
 

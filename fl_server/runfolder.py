@@ -122,11 +122,20 @@ def refuse(run_dir: Path, changes: list[str], ref: Reference, settings: dict[str
             f"--resume keeps the configuration of the run in {run_dir} (only --rounds may "
             f"grow); this command changes: {'; '.join(changes)}. Drop those flags to resume "
             "it as it was, or start a new run in another folder")
-    if int(settings["num-rounds"]) <= ref.done and (run_dir / SUMMARY_FILE).is_file():
+    if int(settings["num-rounds"]) <= ref.done and complete(run_dir, ref.done):
         raise RunFolderError(f"nothing to resume: the run is complete (round {ref.done} of "
                              f"{settings['num-rounds']}); pass a larger --rounds to continue it")
     # its last round checkpointed, the run stopped before its final evaluation: a resume
     # runs that evaluation alone, and writes the last round's line, final.pt and the summary
+
+
+def complete(run_dir: Path, done: int) -> bool:
+    """Whether the run ended after round ``done``, its last checkpoint: its summary says so
+    (written after the final evaluation; a round checkpointed later removes it)."""
+    try:
+        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("rounds") == done
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run_defining(values: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,10 @@ def with_public_encoders(cfg: Config, train: bool = True, freeze: bool = True) -
     here = public_folder(public_config(cfg)) / "best.pt"
     if cfg.model.weights and not names_public_network(cfg.model.weights, here):
         return cfg
+    if cfg.model.weights and Path(cfg.model.weights).expanduser() != here:
+        log.info("DP-SGD: model.weights %s is not at hand; it names the public network of this "
+                 "configuration, which is used from (or trained into) %s", cfg.model.weights,
+                 here.parent)
     path = public_network(cfg) if train else here
     return apply_overrides(cfg, [f"model.weights={path}",
                                  *(["dp.frozen=encoders"] if freeze else [])])

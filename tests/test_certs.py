@@ -253,6 +253,13 @@ def test_a_state_folder_others_can_write_is_refused_and_never_re_moded(
     assert stat.S_IMODE(site.stat().st_mode) == 0o700
     fresh = site_state_dir(tmp_path / "new" / "state", "plagh")
     assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+    # inside a folder others may write in (no sticky bit), they could move the state away
+    # and with it the privacy ledger
+    (shared / "mine").mkdir(mode=0o700)
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match=r"shared can be written by other users \(mode 777\), "
+                                         r"who could move the site's state away"):
+        site_state_dir(shared / "mine", "plagh")
 
 
 def test_a_second_fl_client_for_the_same_site_is_refused(tmp_path: Path) -> None:
@@ -268,6 +275,13 @@ def test_a_second_fl_client_for_the_same_site_is_refused(tmp_path: Path) -> None
     SiteLock(site_state_dir(tmp_path / "state", "other"), "other").release()  # another site
     first.release()
     SiteLock(state, "plagh").release()  # the first has stopped: the next one starts
+    precious = tmp_path / "precious.txt"  # a link in its place is not followed
+    precious.write_text("precious data")
+    (state / "fl-client.lock").unlink()
+    (state / "fl-client.lock").symlink_to(precious)
+    with pytest.raises(ValueError, match=r"fl-client.lock cannot be opened"):
+        SiteLock(state, "plagh")
+    assert precious.read_text() == "precious data"
 
 
 def test_insecure_refuses_addresses_beyond_loopback(tmp_path: Path, synth_root: Path,

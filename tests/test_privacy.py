@@ -271,7 +271,8 @@ def test_each_samples_gradient_under_opacus_is_its_own_gradient(variant: str,
             assert err < 1e-3, (variant, name, i, err)
 
 
-def test_dp_sgd_trains_in_float32_and_the_memory_layout_opacus_needs() -> None:
+def test_dp_sgd_trains_in_float32_and_the_memory_layout_opacus_needs(synth_root: Path,
+                                                                     tmp_path: Path) -> None:
     """Under DP-SGD a site trains without the GPU speed options. Opacus reads a convolution's
     input as standard (NCHW) memory to form its per-sample gradients: from channels-last
     memory they come out wrong (the test above fails on a channels-last network and batch).
@@ -283,6 +284,18 @@ def test_dp_sgd_trains_in_float32_and_the_memory_layout_opacus_needs() -> None:
                                                             "dp.enabled=true"]))
     assert (plain.channels_last, plain.amp) == (True, "bf16")
     assert (private.channels_last, private.amp) == (False, "none")
+    # a network that an evaluation with the speed options left channels-last (a site evaluates
+    # the model it receives, then trains on it) goes back to standard memory to train
+    cfg = load_config("tiny", overrides=["model.norm=group"])
+    model = build_model(cfg.model, ("background", "tumour")).to(memory_format=torch.channels_last)
+    assert not all(p.is_contiguous() for p in model.parameters())
+    private.place(model, torch.device("cpu"))
+    assert all(p.is_contiguous() for p in model.parameters())
+    dp, source, model = _setup(synth_root)
+    model.to(memory_format=torch.channels_last)
+    local_train(model, source.split("train"), source.classes, dp, pick_device("cpu"), seed=1,
+                ledger=PrivacyLedger(tmp_path / "privacy.json"), site="a")
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")

@@ -99,8 +99,9 @@ def test_a_write_cut_short_by_a_crash_leaves_nothing_behind(tmp_path: Path) -> N
     (tmp_path / ".round_003.pt.vdzbplal").write_bytes(b"partial")
     (tmp_path / ".best.pt.link").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".final.pt.bak").write_text("mine too")
     _recorder(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".final.pt.bak", "notes.txt"]
 
 
 def test_a_resume_drops_a_metrics_line_cut_short_and_names_a_damaged_one(
@@ -110,12 +111,34 @@ def test_a_resume_drops_a_metrics_line_cut_short_and_names_a_damaged_one(
     metrics.write_text("\n".join(good) + "\n" + good[1][:50])  # a crash while writing line 3
     rec = _recorder(tmp_path)
     with caplog.at_level("WARNING"):
-        rec.reopen(2)
+        rec.reopen()
     assert metrics.read_text().splitlines() == good
     assert "dropping its last line, cut short" in caplog.text
     metrics.write_text(good[0][:50] + "\n" + good[1] + "\n")
     with pytest.raises(RunFolderWriteError, match=r"metrics.jsonl, line 1: not JSON"):
-        rec.reopen(2)
+        rec.reopen()
+
+
+def test_a_resume_loses_nothing_until_it_writes_a_round_of_its_own(tmp_path: Path) -> None:
+    """A finished run resumed for more rounds keeps its summary and its last line until the
+    resumed run checkpoints a round, and a line written again replaces that round's line."""
+    rec = _recorder(tmp_path)
+    for rnd in (1, 2):
+        rec.record_round(rnd, _state(rnd), _line(0.1 * rnd))
+    rec.finish(2)
+    rec.write_summary()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    resumed = _recorder(tmp_path)
+    assert resumed.last_round()[0] == 2
+    resumed.reopen()  # and then the resume stops: nothing was lost
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2
+    resumed.record_line(2, _line(0.25))  # round 2's line, again (as round 3 brings it)
+    resumed.save_round(3, _state(3))
+    resumed.flush()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["round"], x["dice"]) for x in lines] == [(1, 0.1), (2, 0.25)]
+    assert not (tmp_path / "summary.json").exists()  # round 3 is checkpointed: not complete
 
 
 def test_keep_checkpoints_must_keep_one(tmp_path: Path) -> None:
@@ -164,3 +187,32 @@ def test_a_site_that_went_away_is_named_and_its_round_says_it_did_not_train(
     assert sites_of(line) == "site_01, site_02 (site_02 did not train)"
     line["sites"]["site_02"]["steps"] = 14
     assert sites_of(line) == "site_01, site_02"
+
+
+def test_a_site_cannot_forge_lines_on_the_centres_screen(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A site's own words (its error reason) reach events.jsonl and the screen with newlines
+    and terminal escape codes written out, and cut to a bounded length: no forged round line,
+    no hidden text."""
+    from types import SimpleNamespace
+
+    from fl_server.federation import _replies
+    from fl_server.launcher import _show_events
+    from fl_server.metrics_tail import MetricsTail
+    from fl_server.settings import FederationSettings
+
+    rec = _recorder(tmp_path)
+    forged = "x\nfl-server: round 3/3  dice 0.9812  sites A, B\x1b[8m\r" + "y" * 5000
+    bad = SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason=forged),
+                          metadata=SimpleNamespace(src_node_id=7, reply_to_message_id="m"))
+    settings = FederationSettings(site_nodes=json.dumps({"7": "siteA"}))
+    with caplog.at_level("INFO"):
+        _replies([bad], {"m": 7}, 3, "train", rec, settings)
+        _show_events(MetricsTail(tmp_path / "events.jsonl"))
+    shown = [r.getMessage() for r in caplog.records]
+    assert len(shown) == 2  # the recorder's own line, and fl-server start's
+    for text in shown:
+        assert not {"\n", "\x1b", "\r"} & set(text)
+        assert "\\nfl-server: round 3/3" in text
+        assert "\\x1b[8m" in text
+        assert len(text) <= 400

@@ -173,7 +173,7 @@ def test_resuming_a_complete_run_with_another_setting_names_the_change(tmp_path:
     from fl_server.runfolder import Reference, RunFolderError, refuse
 
     done = Reference(load_config(), {"num-rounds": 2}, {}, done=2)
-    (tmp_path / "summary.json").write_text("{}")  # written as the run ended
+    (tmp_path / "summary.json").write_text('{"rounds": 2}')  # written as the run ended
     with pytest.raises(RunFolderError, match=r"this command changes: clients: 2 -> 3"):
         refuse(tmp_path, ["clients: 2 -> 3"], done, {"num-rounds": 2})
     with pytest.raises(RunFolderError, match=r"the run is complete .*larger --rounds"):
