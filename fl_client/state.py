@@ -13,7 +13,9 @@ Default: ``$EGCMF_STATE_DIR``, else ``$XDG_STATE_HOME/egcmf-fl``, else
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -37,10 +39,14 @@ def site_state_dir(root: Path, site: str) -> Path:
     refused when other users may write in it (``/tmp``, say): they could put files, or links,
     where the site keeps its privacy ledger."""
     root = root.expanduser()
-    if root.is_dir() and stat.S_IMODE(root.stat().st_mode) & 0o022:
-        raise ValueError(f"--state-dir {root} can be written by other users (mode "
-                         f"{stat.S_IMODE(root.stat().st_mode):o}); {OWN_FOLDER}")
-    _check_parents(root)
+    try:
+        if root.is_dir() and others_can_write(root.stat()):
+            raise ValueError(f"--state-dir {root} can be written by other users (mode "
+                             f"{stat.S_IMODE(root.stat().st_mode):o}); {OWN_FOLDER}")
+        _check_parents(root)
+    except OSError as exc:
+        raise ValueError(f"--state-dir {root} cannot be checked ({exc.strerror or exc}); "
+                         f"{OWN_FOLDER}") from exc
     if not root.exists():
         private_dir(root, "--state-dir")
     return private_dir(root / site, "--state-dir")
@@ -49,18 +55,41 @@ def site_state_dir(root: Path, site: str) -> Path:
 def _check_parents(root: Path) -> None:
     """Refuse a state folder whose parents another user could rename or replace it in: owned
     by another user (root aside), or writable by others without the sticky bit (``/tmp`` has
-    it). Such a user could move the privacy ledger away and reset the site's budget."""
-    for folder in Path(os.path.abspath(root)).resolve().parents:
+    it). Such a user could move the privacy ledger away and reset the site's budget. Both the
+    folders as written and as links resolve them are checked: a link in a shared folder could
+    be pointed elsewhere."""
+    written = Path(os.path.abspath(root))
+    for folder in dict.fromkeys([*written.parents, *written.resolve().parents]):
         if not folder.exists():  # made private below
             continue
         info = folder.stat()
         if info.st_uid not in (0, os.getuid()):
             raise ValueError(f"--state-dir {root}: {folder} belongs to another user, who "
                              f"could move the site's state away; {OWN_FOLDER}")
-        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        if others_can_write(info) and not info.st_mode & stat.S_ISVTX:
             raise ValueError(f"--state-dir {root}: {folder} can be written by other users "
                              f"(mode {stat.S_IMODE(info.st_mode):o}), who could move the "
                              f"site's state away; {OWN_FOLDER}")
+
+
+def others_can_write(info: os.stat_result) -> bool:
+    """Whether a user other than this one may write in a folder of ``info``: writable by all,
+    or by a group with another member (a group of this user alone, as umask 002 systems give
+    each user, does not count)."""
+    if info.st_mode & 0o002:
+        return True
+    return bool(info.st_mode & 0o020) and not _own_group(info.st_gid)
+
+
+def _own_group(gid: int) -> bool:
+    """Whether group ``gid`` holds this user alone (as members and as primary group)."""
+    try:
+        group = grp.getgrgid(gid)
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return False
+    members = set(group.gr_mem) | {u.pw_name for u in pwd.getpwall() if u.pw_gid == gid}
+    return members <= {me}
 
 
 class SiteLock:

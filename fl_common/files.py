@@ -41,8 +41,10 @@ def private_dir(path: Path, what: str) -> Path:
     Raises ``ValueError`` naming ``what`` (e.g. "--state-dir") with what to do.
     """
     path = path.expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    try:  # every folder it makes is private, not only the last (mkdir's parents follow umask)
+        for folder in [*reversed(path.parents), path]:
+            if not folder.exists():
+                folder.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"{what} {path} cannot be created ({exc.strerror or exc}); choose a "
                          "folder this user can write") from exc

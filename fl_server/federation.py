@@ -235,10 +235,10 @@ class Rounds:
                                 f"{reason}", round=rnd)
 
     def _rejected(self, rnd: int, what: str, rejected: list[Rejection]) -> None:
-        for r in rejected:
-            log.warning("round %d: %s of site %s rejected: %s", rnd, what, r.site, r.reason)
-            self.recorder.event("rejected", f"round {rnd}: {what} of site {r.site} rejected: "
-                                f"{r.reason}", round=rnd, site=r.site)
+        for r in rejected:  # the reason may quote the reply's own keys and values
+            message = printable(f"round {rnd}: {what} of site {r.site} rejected: {r.reason}")
+            log.warning("%s", message)
+            self.recorder.event("rejected", message, round=rnd, site=printable(r.site))
 
     def _aggregate(self, rnd: int, updates: list[Message], sampled: int) -> GlobalModel:
         """The strategy's aggregate of the valid updates; the global model unchanged (logged)

@@ -21,6 +21,7 @@ from typing import Any
 
 from fl_common.address import Address
 from fl_common.appsign import SIGNATURE_KEY, SIGNER_KEY, load_signing_key, sign_run
+from fl_common.files import atomic_write
 from fl_common.procs import Children, flower_env, port_open, supervised
 from fl_common.text import printable
 
@@ -209,7 +210,7 @@ def _follow(control: Control, opts: StartOptions, run_id: int, children: Childre
     summary = json.loads(summary_path.read_text())
     summary["flower"] = {k: run.get(k) for k in ("run-id", "network-traffic", "compute-time",
                                                  "elapsed")}
-    summary_path.write_text(json.dumps(summary, indent=2))
+    atomic_write(summary_path, json.dumps(summary, indent=2).encode(), private=False)
     return summary
 
 

@@ -40,8 +40,10 @@ from .settings import DEFAULTS, check_keep_checkpoints
 log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"round_(\d{3,})\.pt$")
 SUMMARY_FILE = "summary.json"  # written when a run is complete
-# the temporary names of a checkpoint being written (write_checkpoint) or linked (link)
-PARTIAL_FILE = re.compile(r"^\.(round_\d{3,}|best|final)\.pt\.([a-z0-9_]{8}|link)$")
+# the temporary names of a checkpoint being written (write_checkpoint) or linked (link), and
+# of the metrics or summary being rewritten (atomic_write)
+PARTIAL_FILE = re.compile(r"^\.((round_\d{3,}|best|final)\.pt\.([a-z0-9_]{8}|link)"
+                          r"|(metrics\.jsonl|summary\.json)\.[a-z0-9_]{8}\.tmp)$")
 
 
 class RunFolderWriteError(RuntimeError):
@@ -93,7 +95,7 @@ class RunRecorder:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
         self._queued: list[Future] = []
         self._failed = False  # a write failed: nothing queued after it is written
-        for partial in self.dir.glob(".*.pt.*"):  # a write cut short by a crash: never read
+        for partial in self.dir.glob(".*"):  # a write cut short by a crash: never read
             if PARTIAL_FILE.match(partial.name):
                 partial.unlink(missing_ok=True)
 
@@ -252,11 +254,13 @@ class RunRecorder:
         line of that round (and of any later one)."""
         if improved:
             link(round_file(self.dir, number), self.dir / "best.pt")
+        new = clean({"round": number, **line})
         earlier = self.metrics()
-        if any(x["round"] >= number for x in earlier):
-            self._rewrite_metrics([x for x in earlier if x["round"] < number])
+        if any(x["round"] >= number for x in earlier):  # in one step: no moment without it
+            self._rewrite_metrics([*(x for x in earlier if x["round"] < number), new])
+            return
         with (self.dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(clean({"round": number, **line})) + "\n")
+            fh.write(json.dumps(new) + "\n")
 
     def _round_files(self) -> list[tuple[int, Path]]:
         return sorted((int(m.group(1)), p) for p in self.dir.glob("round_*.pt")

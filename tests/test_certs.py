@@ -262,6 +262,46 @@ def test_a_state_folder_others_can_write_is_refused_and_never_re_moded(
         site_state_dir(shared / "mine", "plagh")
 
 
+def test_a_state_folder_is_judged_by_who_can_write_on_its_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group-writable folder of a group that holds this user alone (umask 002 systems give
+    each user one) is accepted, one of a shared group is not; a link in a shared folder is
+    judged where it stands, not only where it leads (it could be pointed elsewhere); missing
+    folders are made private whatever the umask."""
+    import grp
+    import pwd
+
+    from fl_client import state as state_module
+
+    members: list[str] = []
+    fake = grp.struct_group(("g", "x", os.getgid(), members))
+    monkeypatch.setattr(state_module.grp, "getgrgid", lambda gid: fake)
+    monkeypatch.setattr(state_module.pwd, "getpwall", lambda: [pwd.getpwuid(os.getuid())])
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o775)
+    assert state_module.site_state_dir(home / "state", "plagh").is_dir()
+    members.append("a_colleague")
+    with pytest.raises(ValueError, match=r"home can be written by other users \(mode 775\)"):
+        state_module.site_state_dir(home / "state", "plagh")
+    members.remove("a_colleague")  # the group holds this user alone again
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (shared / "fl").symlink_to(private)
+    with pytest.raises(ValueError, match=r"shared can be written by other users"):
+        state_module.site_state_dir(shared / "fl" / "state", "plagh")
+    old = os.umask(0o002)
+    try:
+        made = state_module.site_state_dir(tmp_path / "a" / "b" / "state", "plagh")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", made.parent, made):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
 def test_a_second_fl_client_for_the_same_site_is_refused(tmp_path: Path) -> None:
     """Two fl-clients of one site and state folder would overwrite each other's runtime
     secrets: the second is refused, naming the first's pid, until the first has stopped."""

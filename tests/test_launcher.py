@@ -30,6 +30,21 @@ def test_a_half_written_metrics_line_waits_for_its_end(tmp_path: Path) -> None:
     assert tail.new_lines() == []
 
 
+def test_a_rewritten_metrics_file_shows_the_replaced_round_once(tmp_path: Path) -> None:
+    """A resumed run writes a round's line again, in a new file put in place of the old: the
+    screen shows that round's new line (longer or shorter), not garbage and not the rest."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"round": r, "dice": 0.1 * r}) for r in (1, 2)]
+    path.write_text("\n".join(lines) + "\n")
+    tail = MetricsTail(path)
+    assert [x["round"] for x in tail.new_lines()] == [1, 2]
+    for again in ({"round": 2, "dice": 0.123456789, "sites": {"a": {}}}, {"round": 2}):
+        (tmp_path / "new").write_text(lines[0] + "\n" + json.dumps(again) + "\n")
+        os.replace(tmp_path / "new", path)
+        assert tail.new_lines() == [again]
+        assert tail.new_lines() == []
+
+
 def test_failed_status_queries_are_retried_with_backoff_until_patience_runs_out(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
