@@ -110,7 +110,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                            "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
     rounds = Rounds(grid, settings, strategy, recorder, classes, config, model,
                     (payload or {}).get("pending"), cfg.model.in_size**2, frozen)
-    seconds, done = {}, start
+    seconds, done, stopped = {}, start, {}
     for rnd in range(start + 1, settings.num_rounds + 1):
         began = time.perf_counter()
         try:
@@ -118,6 +118,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
         except PrivacyBudgetExhausted as exc:
             recorder.event("privacy", f"stopping before round {rnd}: {exc}", round=rnd)
             log.warning("server-side DP budget spent; stopping before round %d", rnd)
+            stopped = {"stopped": f"the server-side DP budget was spent before round {rnd}"}
             break
         seconds[rnd] = {"round": round(time.perf_counter() - began, 3), "site_train": train_s}
         done = rnd
@@ -126,7 +127,8 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     recorder.finish(done)
     return recorder.write_summary(strategy=settings.strategy, min_sites=settings.min_sites,
                                   wire=settings.wire, round_seconds=seconds,
-                                  final_evaluation_seconds=round(time.perf_counter() - began, 3))
+                                  final_evaluation_seconds=round(time.perf_counter() - began, 3),
+                                  **stopped)
 
 
 def saved_settings(settings: FederationSettings) -> dict[str, Any]:

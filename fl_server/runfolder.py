@@ -122,20 +122,26 @@ def refuse(run_dir: Path, changes: list[str], ref: Reference, settings: dict[str
             f"--resume keeps the configuration of the run in {run_dir} (only --rounds may "
             f"grow); this command changes: {'; '.join(changes)}. Drop those flags to resume "
             "it as it was, or start a new run in another folder")
-    if int(settings["num-rounds"]) <= ref.done and complete(run_dir, ref.done):
+    summary = ended(run_dir, ref.done)
+    if summary is not None and summary.get("stopped"):
+        raise RunFolderError(f"nothing to resume: the run ended after round {ref.done}, as "
+                             f"{summary['stopped']}; more rounds would need a new budget: "
+                             "start a new run in another folder")
+    if int(settings["num-rounds"]) <= ref.done and summary is not None:
         raise RunFolderError(f"nothing to resume: the run is complete (round {ref.done} of "
                              f"{settings['num-rounds']}); pass a larger --rounds to continue it")
     # its last round checkpointed, the run stopped before its final evaluation: a resume
     # runs that evaluation alone, and writes the last round's line, final.pt and the summary
 
 
-def complete(run_dir: Path, done: int) -> bool:
-    """Whether the run ended after round ``done``, its last checkpoint: its summary says so
-    (written after the final evaluation; a round checkpointed later removes it)."""
+def ended(run_dir: Path, done: int) -> dict[str, Any] | None:
+    """The run's summary if it ended after round ``done``, its last checkpoint (the summary is
+    written after the final evaluation; a round checkpointed later removes it); else None."""
     try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("rounds") == done
-    except (OSError, ValueError, AttributeError):
-        return False
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("rounds") == done else None
 
 
 def run_defining(values: dict[str, Any]) -> dict[str, Any]:

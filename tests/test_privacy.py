@@ -161,6 +161,9 @@ def test_server_side_dp_accounts_and_stops_at_its_budget(synth_root: Path,
                      "--out", str(capped)]) == 0
     assert len((capped / "metrics.jsonl").read_text().splitlines()) == 1  # stopped in time
     assert "privacy" in (capped / "events.jsonl").read_text()
+    summary = json.loads((capped / "summary.json").read_text())
+    assert summary["stopped"] == "the server-side DP budget was spent before round 2"
+    assert sim_main(["--resume", "--out", str(capped)]) == 2  # it ended: nothing to resume
 
 
 def test_server_side_dp_epsilon_continues_after_a_resume(synth_root: Path,

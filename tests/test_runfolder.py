@@ -179,6 +179,11 @@ def test_resuming_a_complete_run_with_another_setting_names_the_change(tmp_path:
     with pytest.raises(RunFolderError, match=r"the run is complete .*larger --rounds"):
         refuse(tmp_path, [], done, {"num-rounds": 2})
     refuse(tmp_path, [], done, {"num-rounds": 3})  # more rounds: resumed
+    (tmp_path / "summary.json").write_text(json.dumps(  # it stopped on its DP budget
+        {"rounds": 2, "stopped": "the server-side DP budget was spent before round 3"}))
+    with pytest.raises(RunFolderError, match=r"ended after round 2, as the server-side DP "
+                                             r"budget was spent before round 3"):
+        refuse(tmp_path, [], done, {"num-rounds": 5})
 
 
 def test_a_run_stopped_in_its_final_evaluation_resumes_to_its_end(tmp_path: Path,
