@@ -29,11 +29,10 @@ from fl_common.procs import Children, flower_env, flower_executable, free_port, 
 
 from .centre import Centre, RunState, tls_reachable
 from .options import JoinError, JoinOptions
-from .runner import read_status
+from .runner import NOT_TRUSTED, read_status
 from .state import SiteLock, site_state_dir
 
 log = logging.getLogger("fl-client")
-NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
 PORT_TAKEN = "address already in use"  # the node's local port: another process holds it
 CONNECTED = "SuperNode ID"
 POLL, PROBE_EVERY, RESTART_DELAY = 0.5, 3.0, 1.0
@@ -87,8 +86,7 @@ def _check_site(opts: JoinOptions) -> None:
 
 def wait_for_server(server: Address, ca: Path | None, max_wait: float) -> None:
     """Return once a (TLS) connection succeeds; retry while unreachable; fail fast on trust."""
-    start = time.monotonic()
-    deadline, delay, said = start + max_wait, 0.5, -SAY_AGAIN
+    deadline, delay, said = time.monotonic() + max_wait, 0.5, -SAY_AGAIN
     while True:
         try:
             tls_reachable(server, ca)

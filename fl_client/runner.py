@@ -45,6 +45,7 @@ from fl_common.files import atomic_write
 
 log = logging.getLogger("fl-client")
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"  # what a TLS peer we do not trust makes us say
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,13 @@ class Runner:
         try:
             res = self.acquire.AcquireTask(
                 AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        except httpx.ConnectError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # not our SuperNode: ask it nothing
+        except httpx.HTTPError as exc:
+            if NOT_TRUSTED in str(exc):  # not our SuperNode: ask it nothing
                 self._once(f"the process at {self.opts.runtime} is not this site's node (its "
                            "TLS certificate is not the one fl-client made); not asking it for "
                            "work")
             else:  # the SuperNode is (re)starting
                 log.debug("no task from the SuperNode yet: %s", exc)
-            return None
-        except httpx.HTTPError as exc:
-            log.debug("no task from the SuperNode yet: %s", exc)
             return None
         except (ValueError, DecodeError) as exc:  # an answer that is not the Runtime API's
             self._once(f"the node at {self.opts.runtime} answered something unreadable "
