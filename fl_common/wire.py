@@ -181,9 +181,12 @@ def _chunks(a: np.ndarray, b: np.ndarray | None, dtype: torch.dtype,
         yield chunk
 
 
-def to_float32(values: np.ndarray) -> np.ndarray:
-    """A new float32 copy of ``values`` (float16 converts with the CPU's vector instructions,
-    twice as fast as numpy's conversion)."""
+def to_float32(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` in float32: a new copy, or written into ``out`` (float16 converts with the
+    CPU's vector instructions, twice as fast as numpy's conversion)."""
+    if out is not None:
+        torch.from_numpy(out).copy_(tensor(values))
+        return out
     return tensor(values).float().numpy() if values.dtype == np.float16 else \
         values.astype(np.float32)
 

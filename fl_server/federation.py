@@ -47,6 +47,7 @@ from .strategy import (
 )
 from .validation import (
     Rejection,
+    Scratch,
     UpdateRules,
     check_updates,
     evaluation_problem,
@@ -184,6 +185,7 @@ class Rounds:
         self.pending = pending  # the training part of the newest round's line
         self.pixels = pixels  # labelled pixels per validation example (0: unknown)
         self.frozen = frozen  # weights no site trains (encoders frozen under DP-SGD)
+        self.scratch = Scratch()  # the sites' decoded weights, reused from round to round
 
     def run(self, rnd: int) -> dict[str, float]:
         """Round ``rnd``; returns each site's training seconds."""
@@ -199,7 +201,7 @@ class Rounds:
         s = self.settings
         checked = check_updates([m for m in replies if FAILURE not in m.content], self.model,
                                 s.wire, site_of, s.caps("train"), update_rules(s),
-                                len(self.classes), self.frozen)
+                                len(self.classes), self.frozen, self.scratch)
         self._rejected(rnd, "update", checked.rejected)
         training = training_part(checked.kept, site_of, checked.norms)
         self.model = self._aggregate(rnd, checked.kept, len(messages))

@@ -291,19 +291,40 @@ def norm_limit(norms: list[float], rules: UpdateRules) -> float:
     return rules.max_ratio * max(float(np.median(norms)), rules.floor) if norms else math.inf
 
 
+class Scratch:
+    """Float32 buffers for the sites' decoded weights, one per site slot and packed buffer,
+    kept from round to round. A reused buffer's memory is already in place; a fresh one is
+    faulted in page by page, which on a busy centre costs more than the arithmetic. A round's
+    decoded replies are read only until its aggregation ends (every strategy aggregates into
+    new arrays), so the next round may write over them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str], np.ndarray] = {}
+
+    def buffer(self, slot: int, name: str, like: np.ndarray) -> np.ndarray:
+        key = (slot, name)
+        found = self._buffers.get(key)
+        if found is None or found.shape != like.shape:
+            found = self._buffers[key] = np.empty(like.shape, dtype=np.float32)
+        return found
+
+
 def site_weights(sent: dict[str, np.ndarray], model: GlobalModel, wire: str,
-                 scales: dict[str, float]) -> dict[str, np.ndarray]:
+                 scales: dict[str, float], room: Callable[[str], np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
     """The site's float32 weights from the buffers it ``sent``, each group's update scaled by
     ``scales[group]`` (at most 1; norm-bounded averaging): ``w_g + (w - w_g) * scale``, or
-    ``w_g + u * scale`` for a float16 update ``u``; one new buffer each, none where a float32
-    buffer arrives unscaled (its values are used as they came, bit for bit). The integer buffer
-    (counters) as sent."""
+    ``w_g + u * scale`` for a float16 update ``u``; written into ``room(name)`` (a new buffer
+    each without it), nothing where a float32 buffer arrives unscaled (its values are used as
+    they came, bit for bit). The integer buffer (counters) as sent."""
     out = dict(sent)
     for name, runs in _groups(model.layout).items():
         master, values = model.values[name], sent[name]
         if wire == "float32" and all(scales[group] >= 1.0 for _, _, group in runs):
             continue
-        site = to_float32(values) if wire == "float16" else np.empty_like(master)
+        into = None if room is None else room(name)
+        site = (to_float32(values, into) if wire == "float16"
+                else np.empty_like(master) if into is None else into)
         for start, stop, group in runs:
             part, scale = site[start:stop], np.float32(min(1.0, scales[group]))
             if wire == "float16":
@@ -336,11 +357,12 @@ SiteOf = Callable[[Message], str]
 
 def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of: SiteOf,
                   caps: dict[str, int], rules: UpdateRules, num_classes: int,
-                  frozen: tuple[Slot, ...] = ()) -> Checked:
+                  frozen: tuple[Slot, ...] = (), scratch: Scratch | None = None) -> Checked:
     """Training replies checked one by one, then the norm rule over the round, for each group
     of tensors; with ``rules.clip``, each group of each kept update is clipped to that multiple
     of the group's median norm (norm-bounded averaging). The kept replies' arrays are replaced
-    by their decoded float32 (and int64) buffers.
+    by their decoded float32 (and int64) buffers, which lie in ``scratch`` when given (valid
+    until its next round).
 
     The replies are decoded (and clipped) side by side, one per core: the sites wait for the
     next round meanwhile, and each reply's work reads only that reply and the centre's model."""
@@ -378,10 +400,13 @@ def check_updates(replies: list[Message], model: GlobalModel, wire: str, site_of
               if rules.clip > 0 and norms else {})
     scales = {site: {g: min(1.0, bounds[g] / n[g]) if bounds and n[g] > 0 else 1.0
                      for g in GROUPS} for site, n in norms.items()}
+    def weights_of(slot: int, site: str) -> dict[str, np.ndarray]:
+        room = None if scratch is None else (
+            lambda name: scratch.buffer(slot, name, model.values[name]))
+        return site_weights(sent[site], model, wire, scales[site], room)
+
     with ThreadPoolExecutor(max_workers=_workers(len(final))) as pool:
-        weights = list(pool.map(
-            lambda site: site_weights(sent[site], model, wire, scales[site]),
-            [site_of(msg) for msg in final]))
+        weights = list(pool.map(weights_of, range(len(final)), [site_of(m) for m in final]))
     for msg, values in zip(final, weights, strict=True):
         msg.content[ARRAYS] = decoded_record(values)
     return Checked(final, rejected, norms)

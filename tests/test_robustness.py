@@ -18,7 +18,7 @@ from fl_client.faults import FAULTS, inject_fault, misshape
 from fl_common.wire import Decoded, model_record, reply_record
 from fl_server.global_model import GlobalModel
 from fl_server.strategy import STRATEGIES, StrategyOptions, make_strategy
-from fl_server.validation import UpdateRules, check_updates, evaluation_problem
+from fl_server.validation import Scratch, UpdateRules, check_updates, evaluation_problem
 from sim.run import main as sim_main
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -83,8 +83,9 @@ def _site(msg: Message) -> str:
 
 
 def _check(replies: list[Message], reference: OrderedDict | None = None,
-           rules: UpdateRules = RULES, wire: str = "float32"):
-    return check_updates(replies, _global(reference), wire, _site, CAPS, rules, 3)
+           rules: UpdateRules = RULES, wire: str = "float32", scratch: Scratch | None = None):
+    return check_updates(replies, _global(reference), wire, _site, CAPS, rules, 3,
+                         scratch=scratch)
 
 
 def _only_bad_rejected(bad: Message) -> str:
@@ -381,6 +382,28 @@ def test_float16_updates_are_measured_and_clipped_as_sent() -> None:
     torch.testing.assert_close(step, updates["c"]["conv.weight"] * (median / norms["c"]),
                                rtol=1e-5, atol=1e-7)
     assert step.double().norm().item() == pytest.approx(median, rel=1e-5)
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_each_round_decodes_into_the_last_rounds_buffers_with_fresh_values(wire: str) -> None:
+    """The centre decodes (and clips) the replies of every round into the same buffers: round
+    2's weights are what fresh buffers would hold, not a mix with round 1's, and lie where
+    round 1's did. Norm-bounded averaging scales the largest update, so both wires write."""
+    scratch, rules, base = Scratch(), UpdateRules(10.0, floor=0.0, clip=1.0), _state(0)
+    memory = []
+    for rnd, steps in enumerate([(0.01, 0.02, 0.08), (0.02, 0.01, 0.06)], start=1):
+        def replies(steps=steps, rnd=rnd):
+            return [_reply(s, _near(base, 10 * rnd + i, step), wire)
+                    for i, (s, step) in enumerate(zip("abc", steps, strict=True))]
+        fresh = {_site(m): _unpacked(m) for m in _check(replies(), base, rules, wire).kept}
+        checked = _check(replies(), base, rules, wire, scratch)
+        assert not checked.rejected and len(checked.kept) == 3
+        for msg in checked.kept:
+            for key, value in _unpacked(msg).items():
+                assert torch.equal(value, fresh[_site(msg)][key]), (rnd, _site(msg), key)
+        decoded = [m.content["arrays"][F0].numpy() for m in checked.kept]
+        memory.append([a for a in decoded if a.flags.writeable])  # not the replies' own bytes
+    assert memory[1] and all(any(np.shares_memory(a, b) for b in memory[0]) for a in memory[1])
 
 
 def test_a_float16_update_that_would_leave_float16s_range_is_rejected() -> None:
