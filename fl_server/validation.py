@@ -16,8 +16,9 @@ Each rule is a small function over one part of a reply:
 
 Each reply is decoded once, here: its buffers are checked where they lie, without a copy; then
 a float16 update is scaled (when clipped) and added to the centre's float32 model, a float32
-buffer is used as it came (or clipped into one new buffer), and the result is handed on to the
-strategy as decoded arrays, which the strategy reads as they are.
+buffer is used as it came (or clipped), into buffers the centre keeps from round to round
+(:class:`Scratch`), and the result is handed on to the strategy as decoded arrays, which the
+strategy reads as they are.
 """
 
 from __future__ import annotations

@@ -384,26 +384,51 @@ def test_float16_updates_are_measured_and_clipped_as_sent() -> None:
     assert step.double().norm().item() == pytest.approx(median, rel=1e-5)
 
 
+# each round's replies: site, step of its weights, step of its BatchNorm statistics (None: a
+# reply with a NaN, rejected); the kept set changes, and some sites are clipped in one group only
+ROUNDS_OF_REPLIES = [
+    [("a", 0.01, 0.01), ("b", 0.02, 0.02), ("c", 0.08, 0.01)],
+    [("a", 0.01, 0.05), ("bad", None, None), ("c", 0.02, 0.02)],
+    [("b", 0.03, 0.01)],
+    [("a", 0.01, 0.01), ("b", 0.02, 0.09), ("c", 0.08, 0.02), ("d", 0.015, 0.015)],
+]
+
+
 @pytest.mark.parametrize("wire", ["float32", "float16"])
 def test_each_round_decodes_into_the_last_rounds_buffers_with_fresh_values(wire: str) -> None:
-    """The centre decodes (and clips) the replies of every round into the same buffers: round
-    2's weights are what fresh buffers would hold, not a mix with round 1's, and lie where
-    round 1's did. Norm-bounded averaging scales the largest update, so both wires write."""
+    """The centre decodes (and clips) the replies of every round into buffers it keeps: each
+    round's weights are what fresh buffers would hold, whatever earlier rounds left in them
+    (here NaN), while the kept replies come and go and norm-bounded averaging clips one group
+    of a site or both; and a later round's buffers lie where earlier rounds' did."""
     scratch, rules, base = Scratch(), UpdateRules(10.0, floor=0.0, clip=1.0), _state(0)
-    memory = []
-    for rnd, steps in enumerate([(0.01, 0.02, 0.08), (0.02, 0.01, 0.06)], start=1):
-        def replies(steps=steps, rnd=rnd):
-            return [_reply(s, _near(base, 10 * rnd + i, step), wire)
-                    for i, (s, step) in enumerate(zip("abc", steps, strict=True))]
+    earlier: list[np.ndarray] = []  # every buffer the centre wrote the sites' weights into
+    for rnd, plan in enumerate(ROUNDS_OF_REPLIES, start=1):
+        def replies(plan=plan, rnd=rnd) -> list[Message]:
+            out = []
+            for i, (site, weights, statistics) in enumerate(plan):
+                noise = _state(10 * rnd + i)
+                state = OrderedDict((k, v + (statistics or 0.01 if k.startswith("bn.") else
+                                             weights or 0.01) * noise[k].abs()
+                                     if v.is_floating_point() else v) for k, v in base.items())
+                if weights is None:
+                    state["conv.weight"][0, 0, 0, 0] = float("nan")
+                out.append(_reply(site, state, wire))
+            return out
         fresh = {_site(m): _unpacked(m) for m in _check(replies(), base, rules, wire).kept}
+        for buffer in earlier:
+            buffer[:] = np.nan  # what a round leaves in its buffers never shows in the next
         checked = _check(replies(), base, rules, wire, scratch)
-        assert not checked.rejected and len(checked.kept) == 3
+        assert sorted(fresh) == sorted(_site(m) for m in checked.kept)
         for msg in checked.kept:
             for key, value in _unpacked(msg).items():
                 assert torch.equal(value, fresh[_site(msg)][key]), (rnd, _site(msg), key)
         decoded = [m.content["arrays"][F0].numpy() for m in checked.kept]
-        memory.append([a for a in decoded if a.flags.writeable])  # not the replies' own bytes
-    assert memory[1] and all(any(np.shares_memory(a, b) for b in memory[0]) for a in memory[1])
+        written = [a for a in decoded if a.flags.writeable]  # not a reply's own bytes
+        assert len({a.ctypes.data for a in written}) == len(written)  # one buffer per site
+        if rnd == len(ROUNDS_OF_REPLIES):
+            assert written
+            assert all(any(np.shares_memory(a, b) for b in earlier) for a in written[:3])
+        earlier += [a for a in written if not any(np.shares_memory(a, b) for b in earlier)]
 
 
 def test_a_float16_update_that_would_leave_float16s_range_is_rejected() -> None:
