@@ -21,6 +21,7 @@ import yaml
 
 PRESETS = ("tiny", "paper")
 VARIANTS = ("unet", "mrcfm", "mrfm", "mrfm+edm", "full")
+ORIENTATIONS = 8  # of a tile: four 90-degree rotations, each with and without a flip
 
 
 class ConfigError(ValueError):
@@ -184,9 +185,9 @@ def check_together(cfg: Config) -> Config:
         raise ConfigError(problem)
     if cfg.dp.public_epochs < 0:
         raise ConfigError(f"dp.public_epochs must be 0 or more, not {cfg.dp.public_epochs}")
-    if not 1 <= cfg.dp.augmentations <= 8:  # 4 rotations, each flipped or not
-        raise ConfigError("dp.augmentations must be 1 to 8 (the distinct orientations of a "
-                          f"tile), not {cfg.dp.augmentations}")
+    if not 1 <= cfg.dp.augmentations <= ORIENTATIONS:
+        raise ConfigError(f"dp.augmentations must be 1 to {ORIENTATIONS} (the distinct "
+                          f"orientations of a tile), not {cfg.dp.augmentations}")
     if cfg.dp.augmentations > 1 and not cfg.data.augment:
         raise ConfigError(f"dp.augmentations={cfg.dp.augmentations} averages over orientations "
                           "of each tile: it needs data.augment=true (or set "

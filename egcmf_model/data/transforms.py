@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ..config import ORIENTATIONS
 from .io import IGNORE_INDEX
 from .stain import dab_density, jitter_hed
 
@@ -70,9 +71,6 @@ def pad_to(array: np.ndarray, side: int, value: int) -> np.ndarray:
         return array
     pad = [(0, ph), (0, pw)] + [(0, 0)] * (array.ndim - 2)
     return np.pad(array, pad, constant_values=value)
-
-
-ORIENTATIONS = 8  # four 90-degree rotations, each with and without a flip
 
 
 def augment(
