@@ -30,7 +30,7 @@ from fl_common.wire import model_record, reply_record
 from fl_server.global_model import GlobalModel
 
 METRICS = {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
-           "site-weight": 1, "steps": 2}
+           "noise_multiplier": -1.0, "site-weight": 1, "steps": 2}
 
 
 def best_of(repeats: int, work) -> float:

@@ -37,7 +37,7 @@ from .privacy import (
 )
 
 log = logging.getLogger(__name__)
-NO_DP = -1.0  # the "epsilon" a site reports when it does not train with DP-SGD
+NO_DP = -1.0  # the "epsilon" and noise multiplier a site reports when it does not train with DP-SGD
 STAND_IN_SCALE = 1e-4  # train.skip: the size of the random step that stands in for training
 NOISE_PERIOD = 1_000_003  # train.skip: values of noise drawn (a prime)
 
@@ -77,7 +77,7 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
     if cfg.train.skip:
         stand_in_update(model, seed, keep=frozen)
         return {"train_loss": 0.0, "num-examples": len(records), "train_s": 0.0,
-                "epsilon": NO_DP, "site-weight": 1, "steps": 0}
+                "epsilon": NO_DP, "noise_multiplier": NO_DP, "site-weight": 1, "steps": 0}
     if steps is not None and cfg.dp.enabled:
         raise ValueError("DP-SGD accounts whole epochs; train it by epochs, not steps")
     if cfg.dp.enabled:  # DP-SGD's own batch size and learning rate
@@ -123,16 +123,16 @@ def local_train(model: torch.nn.Module, records: list[RoiRecord], classes: tuple
         done, epoch = done + stats["steps"], epoch + 1
         if not stats["steps"]:
             break
-    epsilon = NO_DP
+    epsilon = sigma = NO_DP
     if engine is not None:
         ledger.save(engine.accountant.history)
-        epsilon = ledger.epsilon(cfg.dp.delta)
+        epsilon, sigma = ledger.epsilon(cfg.dp.delta), float(optimizer.noise_multiplier)
         for param in trainable:  # leave the plain model behind, as it came in
             if hasattr(param, "grad_sample"):
                 del param.grad_sample
         trained.remove_hooks()
     return {"train_loss": float(stats.get("loss", float("nan"))), "num-examples": examples,
-            "train_s": time.perf_counter() - start, "epsilon": epsilon,
+            "train_s": time.perf_counter() - start, "epsilon": epsilon, "noise_multiplier": sigma,
             "site-weight": 1,  # for aggregations that count sites, not tiles
             "steps": done}
 

@@ -16,5 +16,7 @@ EVALUATE_RECORDS = frozenset({METRICS, SITE})
 EXAMPLES = "num-examples"  # training or validation tiles: FedAvg's weight
 SITE_WEIGHT = "site-weight"  # always 1: for aggregations that count sites, not tiles
 CONFUSION = "confusion"  # evaluate: the class-by-class confusion counts, row-major
-TRAIN_METRICS = frozenset({"train_loss", EXAMPLES, "train_s", "epsilon", SITE_WEIGHT, "steps"})
+NOISE = "noise_multiplier"  # train: the DP-SGD noise multiplier of the round (-1 without DP)
+TRAIN_METRICS = frozenset({"train_loss", EXAMPLES, "train_s", "epsilon", NOISE, SITE_WEIGHT,
+                           "steps"})
 EVALUATE_METRICS = frozenset({"dice", "miou", "acc", "loss", EXAMPLES, CONFUSION, SITE_WEIGHT})

@@ -17,9 +17,10 @@ from egcmf_model.metrics import SegmentationMetrics
 
 def training_part(train: list[Message], site_of: Callable[[Message], str],
                   norms: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """``{"sites": {site: {train_loss, steps, num-examples[, epsilon][, update_norm]}},
-    "train_s": {site: s}}``; ``update_norm``: the norm of the weights' update as the site sent
-    it (before any clipping), from ``norms``."""
+    """``{"sites": {site: {train_loss, steps, num-examples[, epsilon, noise_multiplier]
+    [, update_norm]}}, "train_s": {site: s}}``; ``epsilon`` and ``noise_multiplier`` as a site
+    training with DP-SGD reports them; ``update_norm``: the norm of the weights' update as the
+    site sent it (before any clipping), from ``norms``."""
     sites: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}  # wall-clock, so kept out of the reproducible metrics line
     for msg in train:
@@ -29,6 +30,7 @@ def training_part(train: list[Message], site_of: Callable[[Message], str],
         timings[site] = round(float(m["train_s"]), 3)
         if float(m.get("epsilon", -1.0)) >= 0:  # sites training with DP-SGD
             sites[site]["epsilon"] = float(m["epsilon"])
+            sites[site]["noise_multiplier"] = float(m["noise_multiplier"])
         if "weights" in (norms or {}).get(site, {}):
             sites[site]["update_norm"] = round(norms[site]["weights"], 6)
     return {"sites": dict(sorted(sites.items())), "train_s": dict(sorted(timings.items()))}

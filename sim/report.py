@@ -30,11 +30,13 @@ def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
              f"{fmt(x['acc'])} | {fmt(x['loss'])} |" for x in initial + lines]
     last = lines[-1] if lines else {"sites": {}}
     epsilon = summary.get("epsilon", {})  # DP-SGD: each site's cumulative epsilon
-    site_rows = ["| site | Dice | mIoU | Acc | training examples |" + (" ε |" if epsilon else ""),
-                 "|---|---|---|---|---|" + ("---|" if epsilon else "")]
+    dp_columns = (" ε | σ |", "---|---|") if epsilon else ("", "")  # σ: the noise multiplier
+    site_rows = ["| site | Dice | mIoU | Acc | training examples |" + dp_columns[0],
+                 "|---|---|---|---|---|" + dp_columns[1]]
     site_rows += [f"| {name} | {fmt(v.get('dice'))} | {fmt(v.get('miou'))} | {fmt(v.get('acc'))}"
                   f" | {v.get('num-examples', '')} |"
-                  + (f" {fmt(epsilon.get(name))} |" if epsilon else "")
+                  + (f" {fmt(epsilon.get(name))} | {fmt(v.get('noise_multiplier'))} |"
+                     if epsilon else "")
                   for name, v in last["sites"].items()]
     best = summary.get("best") or {}
     text = [f"# {mode.capitalize()} run", "", f"Rounds: {len(lines)}; best Dice "

@@ -139,9 +139,13 @@ def test_dp_simulation_reports_epsilon_per_site_reproducibly(synth_root: Path,
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for site in lines[0]["sites"]:
         assert 0 < lines[0]["sites"][site]["epsilon"] < lines[1]["sites"][site]["epsilon"] <= 50
+        ledger = json.loads((out / "site_state" / site / "privacy.json").read_text())["history"]
+        noise = {sigma for sigma, _, _ in ledger}  # the noise multiplier the site trained with
+        assert noise == {line["sites"][site]["noise_multiplier"] for line in lines}
+        assert min(noise) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["epsilon"]) == set(lines[0]["sites"])
-    assert "| training examples | ε |" in (out / "summary.md").read_text()
+    assert "| training examples | ε | σ |" in (out / "summary.md").read_text()
     assert "norm: group" in (out / "config.yaml").read_text()
 
 

@@ -51,7 +51,7 @@ def _global(state: OrderedDict | None = None) -> GlobalModel:
 
 def _train_metrics(**changes) -> dict:
     return {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
-            "site-weight": 1, "steps": 2, **changes}
+            "noise_multiplier": -1.0, "site-weight": 1, "steps": 2, **changes}
 
 
 def _reply(site: str, state: OrderedDict | ArrayRecord, wire: str = "float32",

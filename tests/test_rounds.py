@@ -59,7 +59,7 @@ def honest(msg: Message, site: str, *, keep: tuple[str, ...] = (), **metrics) ->
                          if v.is_floating_point() and k not in keep else v)
                         for k, v in start.items())
     train = {"train_loss": 0.5, "num-examples": 4, "train_s": 1.0, "epsilon": -1.0,
-             "site-weight": 1, "steps": 2, **metrics}
+             "noise_multiplier": -1.0, "site-weight": 1, "steps": 2, **metrics}
     reference = {k: view(a) for k, a in msg.content["arrays"].items()}
     wire = "float16" if any(a.dtype == np.float16 for a in reference.values()) else "float32"
     content.update({"arrays": reply_record(state, LAYOUT, reference, wire),
