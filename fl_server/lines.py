@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import Message, MetricRecord
 
 from egcmf_model.metrics import SegmentationMetrics
+from fl_common.replies import NOISE
 
 
 def training_part(train: list[Message], site_of: Callable[[Message], str],
@@ -30,7 +31,7 @@ def training_part(train: list[Message], site_of: Callable[[Message], str],
         timings[site] = round(float(m["train_s"]), 3)
         if float(m.get("epsilon", -1.0)) >= 0:  # sites training with DP-SGD
             sites[site]["epsilon"] = float(m["epsilon"])
-            sites[site]["noise_multiplier"] = float(m["noise_multiplier"])
+            sites[site][NOISE] = float(m[NOISE])
         if "weights" in (norms or {}).get(site, {}):
             sites[site]["update_norm"] = round(norms[site]["weights"], 6)
     return {"sites": dict(sorted(sites.items())), "train_s": dict(sorted(timings.items()))}

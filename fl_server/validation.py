@@ -8,6 +8,8 @@ Each rule is a small function over one part of a reply:
   ArrayRecord, one MetricRecord, the same keys in every reply);
 - :func:`examples_problem`: ``num-examples`` a positive integer no larger than what the centre
   knows of that site (its cap);
+- :func:`dp_report_problem`: a site that reports an epsilon (DP-SGD) reports a positive noise
+  multiplier;
 - :func:`decode_update`: the packed buffers' names, sizes and dtypes, finite values, BatchNorm
   running variances that are not negative, weights within the float16 wire's range (float16),
   frozen weights unchanged (encoders under DP-SGD), and the update's norm per group of tensors;
@@ -42,6 +44,7 @@ from fl_common.replies import (
     EXAMPLES,
     FAILURE,
     METRICS,
+    NOISE,
     SITE,
     SITE_WEIGHT,
     TRAIN_METRICS,
@@ -84,7 +87,19 @@ def record_problem(content: RecordDict, stage: str, num_classes: int) -> str | N
     reply; None if they match."""
     return (records_problem(content, stage)
             or metrics_problem(content[METRICS], TRAIN_METRICS if stage == "train"
-                               else EVALUATE_METRICS, num_classes))
+                               else EVALUATE_METRICS, num_classes)
+            or (dp_report_problem(content[METRICS]) if stage == "train" else None))
+
+
+def dp_report_problem(metrics: MetricRecord) -> str | None:
+    """A site that reports an epsilon (it trains with DP-SGD) reports the positive, finite
+    noise multiplier it trained with; anything else is a broken reply."""
+    epsilon, sigma = metrics["epsilon"], metrics[NOISE]
+    if isinstance(epsilon, float | int) and epsilon >= 0 and not (
+            isinstance(sigma, float | int) and math.isfinite(sigma) and sigma > 0):
+        return (f"metric {NOISE}: {sigma!r} from a site reporting epsilon {epsilon:g} "
+                "(DP-SGD), which trains with a positive noise multiplier")
+    return None
 
 
 def records_problem(content: RecordDict, stage: str) -> str | None:
@@ -118,7 +133,8 @@ def metrics_problem(metrics: object, keys: frozenset[str], num_classes: int) -> 
         return "metrics are not a metric record"
     if set(metrics) != keys:
         return (f"metrics: missing {sorted(keys - set(metrics))}, unexpected "
-                f"{sorted(set(metrics) - keys)}")
+                f"{sorted(set(metrics) - keys)} (does the site run another version of "
+                "EGCMF-FL than the centre?)")
     for key, value in metrics.items():
         problem = (_counts_problem(value, num_classes**2) if key == CONFUSION
                    else _count_problem(value) if key in COUNTS else _scalar_problem(value))

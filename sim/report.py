@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from fl_common.replies import NOISE
+
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
@@ -30,12 +32,14 @@ def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
              f"{fmt(x['acc'])} | {fmt(x['loss'])} |" for x in initial + lines]
     last = lines[-1] if lines else {"sites": {}}
     epsilon = summary.get("epsilon", {})  # DP-SGD: each site's cumulative epsilon
-    dp_columns = (" ε | σ |", "---|---|") if epsilon else ("", "")  # σ: the noise multiplier
+    sigma = {site: v[NOISE] for line in lines for site, v in line["sites"].items()
+             if NOISE in v}  # and the noise multiplier of its latest training, like epsilon
+    dp_columns = (" ε | σ |", "---|---|") if epsilon else ("", "")
     site_rows = ["| site | Dice | mIoU | Acc | training examples |" + dp_columns[0],
                  "|---|---|---|---|---|" + dp_columns[1]]
     site_rows += [f"| {name} | {fmt(v.get('dice'))} | {fmt(v.get('miou'))} | {fmt(v.get('acc'))}"
                   f" | {v.get('num-examples', '')} |"
-                  + (f" {fmt(epsilon.get(name))} | {fmt(v.get('noise_multiplier'))} |"
+                  + (f" {fmt(epsilon.get(name))} | {fmt(sigma.get(name))} |"
                      if epsilon else "")
                   for name, v in last["sites"].items()]
     best = summary.get("best") or {}

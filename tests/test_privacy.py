@@ -49,6 +49,7 @@ def test_epsilon_grows_and_matches_opacus(synth_root: Path, tmp_path: Path) -> N
         metrics = local_train(model, source.split("train"), source.classes, cfg,
                               pick_device("cpu"), seed=rnd, ledger=ledger, site="a")
         eps.append(metrics["epsilon"])
+        assert metrics["noise_multiplier"] == 1.0  # the configured one, which it trained with
     assert 0 < eps[0] < eps[1]
     reloaded = PrivacyLedger(tmp_path / "privacy.json")  # the next process reads it back
     assert sum(steps for _, _, steps in reloaded.history) == 2  # one batch a round, 2 rounds
@@ -147,6 +148,25 @@ def test_dp_simulation_reports_epsilon_per_site_reproducibly(synth_root: Path,
     assert set(summary["epsilon"]) == set(lines[0]["sites"])
     assert "| training examples | ε | σ |" in (out / "summary.md").read_text()
     assert "norm: group" in (out / "config.yaml").read_text()
+
+
+def test_the_report_shows_each_dp_sites_latest_epsilon_and_noise(tmp_path: Path) -> None:
+    """A site that did not train in the last round (its budget spent) keeps, in summary.md,
+    the epsilon and the noise multiplier of its latest training, side by side."""
+    from sim.report import write_reports
+
+    metrics = {"dice": 0.5, "miou": 0.4, "acc": 0.9, "loss": 0.3}
+    trained = {"a": {**metrics, "num-examples": 4, "epsilon": 4.7, "noise_multiplier": 1.1},
+               "b": {**metrics, "num-examples": 3, "epsilon": 4.7, "noise_multiplier": 1.3}}
+    refused = {"a": {**metrics, "num-examples": 4, "epsilon": 7.1, "noise_multiplier": 1.1},
+               "b": dict(metrics)}  # b only evaluated in round 2
+    lines = [{"round": 1, **metrics, "sites": trained}, {"round": 2, **metrics, "sites": refused}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = {"epsilon": {"a": 7.1, "b": 4.7}, "best": {"round": 2, "dice": 0.5}}
+    write_reports(tmp_path, summary, "federated")
+    table = (tmp_path / "summary.md").read_text()
+    assert "| a | 0.5000 | 0.4000 | 0.9000 | 4 | 7.1000 | 1.1000 |" in table
+    assert "| b | 0.5000 | 0.4000 | 0.9000 |  | 4.7000 | 1.3000 |" in table
 
 
 def test_server_side_dp_accounts_and_stops_at_its_budget(synth_root: Path,

@@ -176,6 +176,7 @@ def test_each_reply_is_checked_as_a_whole_and_dropped_alone() -> None:
     assert "records" in reasons["second array"]
     assert "unexpected ['accuracy_boost']" in reasons["extra key"]
     assert "missing ['train_loss']" in reasons["missing key"]
+    assert "another version of EGCMF-FL" in reasons["missing key"]
     assert "a list where a number belongs" in reasons["list"]
     assert "records" in reasons["renamed"]
     assert "site-weight" in reasons["site weight"]
@@ -191,6 +192,19 @@ def test_num_examples_is_a_positive_integer_within_the_sites_cap(claim, why: str
     base = _state(0)
     assert why in _only_bad_rejected(_reply("bad", _near(base, 3), **{"num-examples": claim}))
     assert not _check([_reply("a", _near(base, 1), **{"num-examples": 4})], base).rejected
+
+
+@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), 0.0, -1.0, -5.0])
+def test_a_dp_site_reporting_an_impossible_noise_multiplier_is_rejected(sigma: float) -> None:
+    """A site that reports an epsilon trains with DP-SGD, so with a positive, finite noise
+    multiplier: any other value it reports is a broken reply, not a line of metrics.jsonl. A
+    site without DP-SGD (epsilon -1) is not asked for one."""
+    base = _state(0)
+    dp = {"epsilon": 2.0, "noise_multiplier": sigma}
+    assert "noise_multiplier" in _only_bad_rejected(_reply("bad", _near(base, 3), **dp))
+    honest = [_reply("a", _near(base, 1), epsilon=2.0, noise_multiplier=0.8),
+              _reply("b", _near(base, 2), epsilon=-1.0, noise_multiplier=sigma)]
+    assert not _check(honest, base).rejected
 
 
 def test_an_evaluation_reply_is_checked_too() -> None:
