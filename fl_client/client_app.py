@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from egcmf_model.config import Config, from_dict
 from egcmf_model.engine import pick_device
+from fl_common import VERSION_KEY, package_version
 from fl_common.replies import (
     ARRAYS,
     EVALUATE_METRICS,
@@ -201,6 +202,10 @@ def _site_privacy(cfg: Config, node: dict[str, Any]) -> Config:
 def _setup(msg: Message, context: Context, defaults: dict[str, Any], networks: Networks
            ) -> Job:
     node = dict(context.node_config)
+    theirs, ours = str(msg.content["config"].get(VERSION_KEY, "")), package_version()
+    if theirs and theirs != ours:  # a message without it comes from a test, not a centre
+        raise IncompatibleFederation(f"the centre runs EGCMF-FL {theirs} and this site {ours}: "
+                                     f"install version {theirs} at this site")
     cfg = from_dict(yaml.safe_load(str(msg.content["config"]["egcmf-config"])), "server config")
     cfg = _site_privacy(cfg, node)
     site = resolve_site(node, defaults)

@@ -30,8 +30,9 @@ SITE_FAILURE = 104  # anything else: a crash at the site
 
 REASONS = {
     SITE_DATA: "the site's data could not be read",
-    INCOMPATIBLE: "the federation's model or configuration does not fit this site (other "
-                  "classes, or a network DP-SGD cannot train: --set model.norm=group)",
+    INCOMPATIBLE: "the federation's model or configuration does not fit this site (another "
+                  "version of EGCMF-FL, other classes, or a network DP-SGD cannot train: --set "
+                  "model.norm=group)",
     OUT_OF_MEMORY: "out of memory at the site (a smaller --preset or batch size helps)",
     SITE_FAILURE: "the site failed",
 }

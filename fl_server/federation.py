@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from egcmf_model.config import Config, load_config, to_yaml
 from egcmf_model.engine import build_model, frozen_parameters, load_encoders, seed_everything
 from egcmf_model.packing import INT, Layout, Slot
+from fl_common import VERSION_KEY, package_version
 from fl_common.replies import EVALUATION, FAILURE, METRICS, SITE
 from fl_common.text import printable
 
@@ -107,6 +108,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
     del network
     config_yaml = to_yaml(cfg)
     config = ConfigRecord({"egcmf-config": config_yaml, "wire": settings.wire,
+                           VERSION_KEY: package_version(),
                            "federation-id": federation_id(settings.run_dir, config_yaml),
                            "num-rounds": settings.num_rounds})  # places rounds on the LR schedule
     rounds = Rounds(grid, settings, strategy, recorder, classes, config, model,

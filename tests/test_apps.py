@@ -190,6 +190,22 @@ def test_site_with_other_classes_is_refused(synth_root: Path, site_context: Cont
     assert "does not fit this site" in reply.error.reason
 
 
+def test_a_site_refuses_a_centre_of_another_version(site_context: Context,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A site runs its own installed code: a centre of another version of EGCMF-FL gets an
+    incompatible-federation failure, and the site's log says which version to install."""
+    from fl_common import VERSION_KEY, package_version
+
+    msg = _message(MessageType.EVALUATE)
+    msg.content["config"][VERSION_KEY] = "0.0.1"
+    reply = make_client_app()(msg, site_context)
+    assert reply.error.code == INCOMPATIBLE
+    assert "another version of EGCMF-FL" in reply.error.reason
+    assert f"the centre runs EGCMF-FL 0.0.1 and this site {package_version()}" in caplog.text
+    msg.content["config"][VERSION_KEY] = package_version()
+    assert make_client_app()(msg, site_context).has_content()
+
+
 def test_settings_come_from_run_config_with_defaults() -> None:
     settings = FederationSettings.from_run_config(
         {"num-rounds": 5, "resume": True}, {"run-dir": "/tmp/x", "num-rounds": 2})
