@@ -53,6 +53,7 @@ def run(data: Path, variant: str, seed: int, args: argparse.Namespace, out: Path
         f"train.epochs={args.epochs}", f"train.device={args.device}", "data.dataset=sites",
         f"data.root={data}", *args.overrides])
     start = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)  # a cell that a stopped run left is trained again
     fit(cfg, out)
     device = pick_device(args.device)
     model, cfg, classes, _ = load_model(out / "best.pt", device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def trained(data: Path, preset: str, amp: str, seed: int, epochs: int, out: Path
         "model.variant=full", f"train.amp={amp}", f"train.seed={seed}",
         f"train.epochs={epochs}", "data.dataset=sites", f"data.root={data}"])
     start = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)  # each training starts afresh, also on a rerun
     fit(cfg, out)
     return round(time.perf_counter() - start, 1)
 

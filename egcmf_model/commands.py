@@ -16,10 +16,14 @@ def add_model_commands(sub: argparse._SubParsersAction, config_args) -> None:
     _data_args(p)
     p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"),
                    help="default: full with CK5/6 data, mrfm (the H&E branch) without")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", type=Path, help="run folder (default runs/train-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--epochs", type=int,
+                   help="epochs to train (default: the preset's, 7 for tiny; with --resume, "
+                        "the run's own)")
+    p.add_argument("--seed", type=int, help="default: the preset's, 0")
+    p.add_argument("--out", type=Path, help="run folder (default runs/train-<time>); a folder "
+                   "that holds a run is continued with --resume, never overwritten")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its last.pt, to its own --epochs")
     config_args(p)
     p.set_defaults(func=_train)
 
@@ -67,13 +71,17 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import fit
 
     sets = _data_sets(args)
-    sets += [f"train.{k}={v}" for k, v in (("epochs", args.epochs), ("seed", args.seed))
+    out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    epochs = args.epochs
+    if args.resume and epochs is None and (out / "last.pt").exists():
+        from .checkpoint import read_checkpoint  # the run goes on to the epochs it set out with
+        epochs = read_checkpoint(out / "last.pt")["config"]["train"]["epochs"]
+    sets += [f"train.{k}={v}" for k, v in (("epochs", epochs), ("seed", args.seed))
              if v is not None]
     cfg = load_config(args.preset, args.config, [*args.overrides, *sets])
     source = open_source(cfg.data, 4 * cfg.model.in_size)
     variant = args.variant or ("full" if source.has_ck56 else "mrfm")
     cfg = apply_overrides(cfg, [f"model.variant={variant}"])
-    out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     print(json.dumps(fit(cfg, out, args.resume, source)))
     return 0
 

@@ -60,7 +60,16 @@ def open_data(cfg: Config) -> DataSource:
 
 def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None = None
         ) -> dict[str, Any]:
-    """Train on the pooled train split, validate each epoch, keep ``last.pt`` and ``best.pt``."""
+    """Train on the pooled train split, validate each epoch, keep ``last.pt`` and ``best.pt``.
+    A folder that holds a run is continued with ``resume`` and never overwritten."""
+    last = out / "last.pt"
+    if resume and not last.exists():
+        raise ValueError(f"nothing to resume in {out}: it holds no last.pt (leave out --resume "
+                         "to start a run there)")
+    held = [name for name in ("last.pt", "best.pt", "metrics.jsonl") if (out / name).exists()]
+    if not resume and held:
+        raise ValueError(f"{out} holds a training run ({', '.join(held)}): continue it with "
+                         "--resume, or give another --out")
     source = source or open_data(cfg)
     device = pick_device(cfg.train.device)
     generator = seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -73,9 +82,14 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
     val_loader = make_loader(source.split("val"), source.classes, cfg, False)
     loss_fn = EGCMFLoss(cfg.loss.gamma)
     start, best = 0, float("-inf")
-    if resume and (out / "last.pt").exists():
-        start, best = _restore(out / "last.pt", model, optimizer, scheduler, generator, device)
-        log.info("resuming after epoch %d (best val Dice %.4f)", start, best)
+    if resume:
+        start, best = _restore(last, model, optimizer, scheduler, generator, device)
+        if start >= cfg.train.epochs:
+            raise ValueError(f"{out} has trained {start} epochs, the run's --epochs "
+                             f"{cfg.train.epochs}: nothing to do (give a larger --epochs to "
+                             "train on)")
+        log.info("resuming after epoch %d of %d (best val Dice %.4f)", start, cfg.train.epochs,
+                 best)
     out.mkdir(parents=True, exist_ok=True)
     speed = GpuSpeed.of(cfg.train)  # bf16 autocast, channels-last: on a GPU only
     for epoch in range(start + 1, cfg.train.epochs + 1):

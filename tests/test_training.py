@@ -114,6 +114,32 @@ def test_train_defaults_to_full_with_ck56_and_resumes(synth_root: Path, tmp_path
     assert [x["epoch"] for x in lines] == [1, 2]
 
 
+def test_train_never_overwrites_a_run_and_resumes_to_its_own_epochs(
+        synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run folder is continued with --resume, never trained over: a second `train` into it
+    is refused and its best model stays; --resume without --epochs goes on to the epochs the
+    run set out with; a folder without last.pt has nothing to resume."""
+    run, data = tmp_path / "run", ["--data", str(synth_root / "site_01"),
+                                   "--set", "model.variant=unet"]
+    assert main(["train", *data, "--epochs", "2", "--out", str(run)]) == 0
+    (run / "last.pt").rename(tmp_path / "last.pt")  # as if it stopped after epoch 1
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    torch.save({**torch.load(tmp_path / "last.pt", weights_only=True), "epoch": 1},
+               run / "last.pt")
+    best = (run / "best.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *data, "--epochs", "1", "--out", str(run)]) == 2
+    assert "holds a training run (last.pt, best.pt, metrics.jsonl)" in capsys.readouterr().err
+    assert (run / "best.pt").read_bytes() == best
+    assert main(["train", *data, "--out", str(run), "--resume"]) == 0  # the preset says 7
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert main(["train", *data, "--out", str(run), "--resume"]) == 2
+    assert "has trained 2 epochs" in capsys.readouterr().err
+    assert main(["train", *data, "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
