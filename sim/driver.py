@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from egcmf_model.config import Config, apply_overrides, load_config
+from egcmf_model.config import Config, ConfigError, apply_overrides, load_config
+from egcmf_model.data.io import DataError
 from egcmf_model.data.source import DataSource, open_source
 from egcmf_model.engine import checked_weights
 from fl_server.runfolder import check_new, refuse, resumed, run_defining, write_settings
@@ -74,6 +75,13 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
     """Config, data source and run settings: a new run's from the flags, in an empty folder;
     a resumed run's from its checkpoint, with any flag stated again checked against it."""
     check_keep_checkpoints(args.keep_checkpoints)
+    for flag, value in (("--clients", args.clients), ("--rounds", args.num_rounds),
+                        ("--local-epochs", args.local_epochs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, not {value}")
+    if args.alpha is not None and not args.alpha > 0:
+        raise ValueError(f"--alpha must be above 0 (the Dirichlet concentration: the smaller, "
+                         f"the more each site's classes are skewed), not {args.alpha:g}")
     flags = {**settings_from_args(args, ROUND_FLAGS)}
     extra = {"clients": args.clients, "fault": args.fault or ""}
     if args.resume:
@@ -131,6 +139,29 @@ def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out: the run folder to continue")
     args.out = args.out or default_out
+    existed = args.out.exists()
+    new = not args.resume and not (args.out.is_dir() and any(args.out.iterdir()))
+    try:
+        return _run(args)
+    except (ConfigError, DataError, ValueError):
+        if new:  # a run refused before its first round leaves its folder as it found it
+            _clear_unstarted(args.out, existed)
+        raise
+
+
+def _clear_unstarted(out: Path, existed: bool) -> None:
+    """Remove what a new run wrote in ``out`` (empty or missing before it) when nothing of a
+    round is there: no checkpoint, no metrics."""
+    if not out.is_dir() or any(p.name == "metrics.jsonl" or p.suffix == ".pt"
+                               for p in out.rglob("*")):
+        return
+    for path in sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    if not existed:
+        out.rmdir()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     cfg, source, settings = resolve(args)
     log.info("%s: %d clients, %d rounds, %s partition, variant %s, preset %s -> %s",
              args.mode if not args.compare else "compare", settings.clients, settings.rounds,

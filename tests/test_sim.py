@@ -118,9 +118,23 @@ def test_partition_flags_reach_the_clients(tmp_path: Path, synth_root: Path) -> 
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path, synth_root: Path, capsys) -> None:
-    assert main(["--clients", "9", "--data", str(synth_root), "--dataset", "synthetic",
-                 "--partition", "institution", "--out", str(tmp_path / "x")]) == 2
-    assert "institutions" in capsys.readouterr().err
+    """Each refused in one line, and a new run refused before its first round leaves its
+    folder as it found it, so that the corrected command runs there."""
+    data = ["--data", str(synth_root), "--dataset", "synthetic"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, why in [(["--clients", "9", "--partition", "institution"], "institutions"),
+                      (["--rounds", "0"], "--rounds must be at least 1, not 0"),
+                      (["--clients", "0"], "--clients must be at least 1"),
+                      (["--local-epochs", "-1"], "--local-epochs must be at least 1"),
+                      (["--partition", "dirichlet", "--alpha", "-1"], "--alpha must be above 0"),
+                      (["--fault", "foo:1", "--partition", "iid"], "use KIND:COUNT")]:
+        for out in (tmp_path / "x", empty):
+            assert main([*args, *data, "--out", str(out)]) == 2
+            assert why in capsys.readouterr().err
+            assert not (tmp_path / "x").exists()
+            assert empty.is_dir()
+            assert not any(empty.iterdir())
 
 
 def test_each_site_gets_one_model_message_per_round(tmp_path: Path, synth_root: Path,
