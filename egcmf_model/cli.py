@@ -1,4 +1,4 @@
-"""`egcmf`: data, training and inspection commands. Thin: parse, then call a library function.
+"""`egcmf`: make and check data, train, evaluate, predict and profile the network.
 
 JSON results are one line, the last on stdout; logs go to stderr.
 """
@@ -32,6 +32,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from .data.preview import write_preview
     from .data.synthetic import write_synthetic
 
+    if args.out.is_dir() and any(args.out.iterdir()):
+        raise ValueError(f"{args.out} is not empty: give a new or empty folder, so that two "
+                         "sets do not mix (or remove it to write the set again)")
     start = time.perf_counter()
     write_synthetic(args.out, args.sites, args.rois_per_site, args.size, args.seed)
     seconds = time.perf_counter() - start
@@ -79,11 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic paired H&E/CK5/6 site folders")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sites", type=int, default=5)
-    p.add_argument("--rois-per-site", type=int, default=6)
-    p.add_argument("--size", type=int, default=256, help="side of the stored 40x ROI in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True,
+                   help="a new or empty folder")
+    p.add_argument("--sites", type=int, default=5, help="hospitals (default %(default)s)")
+    p.add_argument("--rois-per-site", type=int, default=6,
+                   help="ROIs per hospital (default %(default)s; the main job's set has 12)")
+    p.add_argument("--size", type=int, default=256,
+                   help="side of the stored 40x ROI in pixels (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default %(default)s)")
     p.add_argument("--preview", action="store_true", help="also write OUT/preview.png")
     p.set_defaults(func=_cmd_synth)
 
@@ -93,13 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_site)
 
     p = sub.add_parser("data-summary", help="ROIs and class pixels per (virtual) site")
-    p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"), default="synthetic")
+    p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"), default="synthetic",
+                   help="what --data holds (default %(default)s)")
     p.add_argument("--data", type=Path, help="data folder (default: the cached synthetic set)")
     p.add_argument("--partition", choices=("iid", "dirichlet", "institution"),
-                   default="institution")
+                   default="institution", help="how the ROIs are split (default %(default)s)")
     p.add_argument("--clients", type=int, help="number of sites (default: one per institution)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet concentration (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="partition seed (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one line of JSON last")
     _config_args(p)
     p.set_defaults(func=_cmd_data_summary)

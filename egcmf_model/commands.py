@@ -10,6 +10,8 @@ from typing import Any
 
 from .config import apply_overrides, load_config
 
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: auto, a GPU where there is one)"
+
 
 def add_model_commands(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("train", help="centralised training (Adam, cosine LR, batch 2)")
@@ -30,8 +32,9 @@ def add_model_commands(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("evaluate", help="the paper's metrics for a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     _data_args(p)
-    p.add_argument("--split", choices=("val", "test", "train"), default="val")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", choices=("val", "test", "train"), default="val",
+                   help="default %(default)s")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
 
@@ -40,12 +43,12 @@ def add_model_commands(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument("--he", type=Path, required=True, help="H&E at 40x (PNG)")
     p.add_argument("--ck56", type=Path, help="registered CK5/6 at 40x (edge variants)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("profile", help="parameters, GFLOPs and inference time (Table VI)")
     p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"))
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--runs", type=int, default=3, help="timed inference runs after a warm-up")
     p.add_argument("--json", action="store_true")
     config_args(p)

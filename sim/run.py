@@ -29,12 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int,
                    help="epochs per round at each site (default: the preset's, 7 for tiny; "
                         "1 under --dp on the built-in synthetic set)")
-    p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"))
+    p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"),
+                   help="what --data holds (default: synthetic, the built-in set)")
     p.add_argument("--data", type=Path, help="data folder (default: generated synthetic set)")
-    p.add_argument("--partition", choices=("iid", "dirichlet", "institution"))
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration (label skew)")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "paper"))
-    p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"))
+    p.add_argument("--partition", choices=("iid", "dirichlet", "institution"),
+                   help="how the pooled training ROIs are split into --clients sites "
+                        "(default: institution, whole hospitals per site)")
+    p.add_argument("--alpha", type=float,
+                   help="Dirichlet concentration of --partition dirichlet: the smaller, the "
+                        "more skewed each site's classes (default 0.5)")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "paper"),
+                   help="network size and training recipe (default: tiny, for CPUs; paper: "
+                        "the paper's network, for a GPU)")
+    p.add_argument("--variant", choices=("unet", "mrcfm", "mrfm", "mrfm+edm", "full"),
+                   help="network variant (default: full with CK5/6 data, mrfm, the H&E "
+                        "branch, without)")
     add_settings_arguments(p, ROUND_FLAGS)
     p.add_argument("--keep-norm-local", action="store_true",
                    help="FedBN: normalisation layers stay at each site")
@@ -54,16 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.9x the norm limit, claiming 1e9 examples) or reverse (the same "
                         "update with valid BatchNorm variances, claiming the site's true "
                         "number of examples)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the partition, the network's initialisation, shuffling, "
+                        "augmentation and simulated DP noise (default 0)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>); a new run "
                                             "needs an empty or new folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the federated run in --out after its last checkpoint, with "
                         "its configuration (only --rounds may grow)")
-    p.add_argument("--config", type=Path, help="YAML config; flags override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client")
-    p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated")
+    p.add_argument("--config", type=Path,
+                   help="YAML configuration (a run folder's config.yaml, say); --set and the "
+                        "flags above override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="one configuration field, e.g. --set train.lr=0.001; repeatable")
+    p.add_argument("--client-gpus", type=float, default=0.0,
+                   help="share of a GPU each simulated site takes (default 0: CPU only)")
+    p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated",
+                   help="federated (default), centralized (one model on the pooled data) or "
+                        "local (each site alone)")
     p.add_argument("--compare", action="store_true", help="run all three modes, compare them")
     p.add_argument("--budget", choices=("epochs", "steps", "examples"), default="epochs",
                    help="what the centralized model holds equal to the federation: the local "

@@ -14,6 +14,10 @@ def test_synth_command_writes_sites_and_preview(tmp_path: Path) -> None:
                  "--size", "64", "--seed", "1", "--preview"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["preview.png", "site_01", "site_02"]
     assert len(list((out / "site_02" / "rois").iterdir())) == 3
+    before = sorted(str(p) for p in out.rglob("*"))
+    assert main(["synth", "--out", str(out), "--sites", "1", "--rois-per-site", "2",
+                 "--size", "64"]) == 2  # a second set would have mixed with the first
+    assert sorted(str(p) for p in out.rglob("*")) == before
 
 
 def test_console_script_is_installed(tmp_path: Path) -> None:
