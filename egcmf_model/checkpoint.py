@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,18 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: no such checkpoint")
     try:
         # weights_only: a checkpoint holds tensors and plain data, never objects to unpickle
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a pickle of objects: a damaged file
+            raise ValueError(f"{path}: not a readable checkpoint, or damaged") from exc
+        raise ValueError(f"{path}: not an EGCMF-FL checkpoint: it holds objects other than "
+                         "tensors and plain data, which are not loaded (unpickling them could "
+                         "run code)") from exc
     except Exception as exc:  # torch raises several types for a damaged file
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
+        raise ValueError(f"{path}: not a readable checkpoint, or damaged "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(payload, dict) or not {"config", "classes", "model"} <= set(payload):
         raise ValueError(f"{path}: not an EGCMF-FL checkpoint (no config/classes/model)")
     return payload

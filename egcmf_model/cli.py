@@ -125,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as exc:
         print(f"egcmf {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = (" (what was saved stays: continue with the same command and --resume)"
+                 if args.command == "train" else "")
+        print(f"egcmf {args.command}: stopped{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -78,5 +78,9 @@ def test_a_checkpoint_holding_objects_is_refused_without_running_them(tmp_path: 
     """Checkpoints load with weights_only=True: tensors and plain data only."""
     path = tmp_path / "round_001.pt"
     torch.save({"config": {}, "classes": [], "model": {}, "evil": Payload()}, path)
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="objects other than tensors and plain data") as err:
+        read_checkpoint(path)
+    assert "weights_only" not in str(err.value)  # never the advice to load it unsafely
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="not a readable checkpoint, or damaged"):
         read_checkpoint(path)
