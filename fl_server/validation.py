@@ -339,9 +339,9 @@ def site_weights(sent: dict[str, np.ndarray], model: GlobalModel, wire: str,
         master, values = model.values[name], sent[name]
         if wire == "float32" and all(scales[group] >= 1.0 for _, _, group in runs):
             continue
-        into = None if room is None else room(name)
-        site = (to_float32(values, into) if wire == "float16"
-                else np.empty_like(master) if into is None else into)
+        site = np.empty_like(master) if room is None else room(name)
+        if wire == "float16":
+            to_float32(values, site)
         for start, stop, group in runs:
             part, scale = site[start:stop], np.float32(min(1.0, scales[group]))
             if wire == "float16":
