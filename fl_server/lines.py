@@ -37,6 +37,12 @@ def training_part(train: list[Message], site_of: Callable[[Message], str],
     return {"sites": dict(sorted(sites.items())), "train_s": dict(sorted(timings.items()))}
 
 
+def latest(lines: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Each site's newest value of ``key`` over metrics lines, for the sites that reported it
+    (a site that did not train in the last round keeps its earlier value)."""
+    return {site: v[key] for line in lines for site, v in line["sites"].items() if key in v}
+
+
 def evaluation_part(evaluations: list[tuple[str, MetricRecord]], classes: tuple[str, ...]
                     ) -> dict[str, Any]:
     """Pooled ``dice``, ``miou``, ``acc``, ``loss`` and each site's own, from ``(site,

@@ -35,6 +35,7 @@ from egcmf_model.metrics import selection_score
 from fl_common.files import atomic_write
 from fl_common.text import printable
 
+from .lines import latest
 from .settings import DEFAULTS, check_keep_checkpoints
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ class RunRecorder:
         if self.best is None and lines:  # runs that did not checkpoint every round
             top = max(lines, key=lambda x: selection_score(x["dice"]))
             self.best = {"round": top["round"], "dice": top["dice"]}
-        epsilon = {site: v["epsilon"] for line in lines for site, v in line["sites"].items()
-                   if "epsilon" in v}  # the latest value of each site wins
+        epsilon = latest(lines, "epsilon")
         summary = {"rounds": len(lines), "final": lines[-1] if lines else None,
                    "best": self.best, "classes": list(self.classes), **extra}
         if self.initial is not None:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from fl_common.replies import NOISE
+from fl_server.lines import latest
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -32,8 +33,7 @@ def write_reports(run: Path, summary: dict[str, Any], mode: str) -> None:
              f"{fmt(x['acc'])} | {fmt(x['loss'])} |" for x in initial + lines]
     last = lines[-1] if lines else {"sites": {}}
     epsilon = summary.get("epsilon", {})  # DP-SGD: each site's cumulative epsilon
-    sigma = {site: v[NOISE] for line in lines for site, v in line["sites"].items()
-             if NOISE in v}  # and the noise multiplier of its latest training, like epsilon
+    sigma = latest(lines, NOISE)  # and the noise multiplier of its latest training
     dp_columns = (" ε | σ |", "---|---|") if epsilon else ("", "")
     site_rows = ["| site | Dice | mIoU | Acc | training examples |" + dp_columns[0],
                  "|---|---|---|---|---|" + dp_columns[1]]
