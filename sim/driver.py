@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,11 @@ def _clear_unstarted(out: Path, existed: bool) -> None:
     if not out.is_dir() or any(p.name == "metrics.jsonl" or p.suffix == ".pt"
                                for p in out.rglob("*")):
         return
-    for path in sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
     if not existed:
-        out.rmdir()
+        shutil.rmtree(out)
+        return
+    for path in out.iterdir():
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
