@@ -40,14 +40,16 @@ def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], cfg: Config,
             os.unlink(tmp)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's payload; with ``mmap``, its tensors are mapped from the file, not read
+    (for a look at its configuration)."""
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such checkpoint")
     try:
         # weights_only: a checkpoint holds tensors and plain data, never objects to unpickle
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # not a pickle of objects: a damaged file
             raise ValueError(f"{path}: not a readable checkpoint, or damaged") from exc

@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
     epochs = args.epochs
     if args.resume and epochs is None and (out / "last.pt").exists():
         from .checkpoint import read_checkpoint  # the run goes on to the epochs it set out with
-        epochs = read_checkpoint(out / "last.pt")["config"]["train"]["epochs"]
+        epochs = read_checkpoint(out / "last.pt", mmap=True)["config"]["train"]["epochs"]
     sets += [f"train.{k}={v}" for k, v in (("epochs", epochs), ("seed", args.seed))
              if v is not None]
     cfg = load_config(args.preset, args.config, [*args.overrides, *sets])
