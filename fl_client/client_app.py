@@ -9,9 +9,10 @@ name: never an image, a mask, a path or an ROI id; a failure's reply holds only 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ __all__ = ["PRIVACY_BUDGET_SPENT", "app", "make_client_app"]
 
 def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """The ClientApp. Only a simulation passes ``defaults``: the partition file, ``simulation``
-    (DP-SGD's sampling and noise then follow the seed), and the sites that misbehave on purpose
-    (``faults``: site -> kind, with the centre's ``max-update-ratio`` for ``inflate``). The
+    (DP-SGD's sampling and noise then follow the seed), the file its sites log to
+    (``site-log``), and the sites that misbehave on purpose (``faults``: site -> kind, with
+    the centre's ``max-update-ratio`` for ``inflate``). The
     deployment's ``app`` has none: its DP noise draws from the operating system's entropy."""
     app = ClientApp()
     fixed = dict(defaults or {})
@@ -59,15 +61,39 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "training", networks,
-                       lambda: _train(_setup(msg, context, fixed, networks), fixed, networks))
+        with _site_log(context, fixed):
+            return _answer(msg, context, "training", networks,
+                           lambda: _train(_setup(msg, context, fixed, networks), fixed, networks))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "evaluation", networks,
-                       lambda: _evaluate(_setup(msg, context, fixed, networks), fixed))
+        with _site_log(context, fixed):
+            return _answer(msg, context, "evaluation", networks,
+                           lambda: _evaluate(_setup(msg, context, fixed, networks), fixed))
 
     return app
+
+
+@contextlib.contextmanager
+def _site_log(context: Context, defaults: dict[str, Any]) -> Iterator[None]:
+    """In a simulation, the site's warnings and errors (tracebacks included) while it answers a
+    message go to the file ``site-log``, each line naming the site: a real site's operator
+    reads the site's own log, and a simulation's workers have no console of their own."""
+    path = defaults.get("site-log")
+    if not path:
+        yield
+        return
+    site = resolve_site(dict(context.node_config), defaults).name
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {site} %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +114,51 @@ def _quiet_flower() -> None:
         flwr_log.addFilter(lambda record: "run_simulation" not in record.getMessage())
 
 
+SITE_LOG = "sites.log"  # what the virtual sites log: warnings and errors, with tracebacks
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\S+) "
+                     r"(?:WARNING|ERROR|CRITICAL) (.*)$")  # a record's first line
+
+
+@contextlib.contextmanager
+def _echo_site_log(path: Path, every: float = 0.5) -> Iterator[None]:
+    """Print each distinct message the virtual sites log (an ROI skipped, a failure) as they
+    log it, once however many rounds repeat it; tracebacks stay in the file. A resumed run
+    appends to the file and prints only what is new."""
+    offset = path.stat().st_size if path.exists() else 0
+    seen: set[tuple[str, str]] = set()
+    stop = threading.Event()
+
+    def echo() -> None:
+        nonlocal offset
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        complete = data[:data.rfind(b"\n") + 1]
+        offset += len(complete)
+        for line in complete.decode("utf-8", "replace").splitlines():
+            if (match := _RECORD.match(line)) and match.groups() not in seen:
+                seen.add(match.groups())
+                log.warning("site %s: %s", *match.groups())
+
+    def follow() -> None:
+        while not stop.wait(every):
+            echo()
+
+    thread = threading.Thread(target=follow, name="site-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        echo()
+        if seen:
+            log.warning("the sites' warnings and errors, with details: %s", path)
+
+
 @contextlib.contextmanager
 def _ray_with_warm_workers(init_args: dict[str, Any]) -> Iterator[None]:
     """Ray as Flower's simulation would start it (the driver's ``sys.path`` for the workers),
@@ -158,13 +205,14 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
                               "simulation": True, "max-update-ratio": dict(
                                   s.server_options).get("max-update-ratio", 0.0),
                               "state-dir": str(s.out / "site_state"),
+                              "site-log": str(s.out / SITE_LOG),
                               "device": "cuda" if s.client_gpus > 0 else "cpu"})
     init_args = {"num_cpus": os.cpu_count() or 1, "log_to_driver": False,
                  "logging_level": "ERROR", "include_dashboard": False}
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": init_args}
     _quiet_flower()
-    with _ray_with_warm_workers(init_args):
+    with _ray_with_warm_workers(init_args), _echo_site_log(s.out / SITE_LOG):
         run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
                        backend_config=backend)
     summary_path = s.out / "summary.json"

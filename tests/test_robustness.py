@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -534,6 +536,33 @@ def test_simulation_survives_a_faulty_site(kind: str, tmp_path: Path, synth_root
     assert sum(e["kind"] == expected for e in events) >= 2  # every round
     for x in lines:  # the faulty site's update never counted
         assert len([s for s, v in x["sites"].items() if "train_loss" in v]) == 2
+    if kind == "dropout":  # "the details are in the site's log": the run folder's sites.log
+        log = (out / "sites.log").read_text()
+        assert "ERROR training failed: simulated site failure" in log
+        assert "Traceback (most recent call last)" in log
+
+
+def test_a_simulation_names_the_unreadable_png_a_site_skips(tmp_path: Path, synth_root: Path,
+                                                           caplog) -> None:
+    """A virtual site skips a truncated PNG and goes on, as a real site does; the researcher
+    sees the file named on the console once, not once per round, and in the run's sites.log."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    broken = sorted(data.glob("*/rois/*/he.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        assert sim_main(["--clients", "2", "--rounds", "2", "--local-epochs", "1", "--variant",
+                         "unet", "--data", str(data), "--dataset", "synthetic",
+                         "--out", str(out)]) == 0
+    named = [r.getMessage() for r in caplog.records if str(broken) in r.getMessage()]
+    assert len(named) == 1, named
+    assert "truncated" in named[0]
+    roi = f"{broken.parts[-4]}/{broken.parts[-2]}"
+    assert named[0].startswith("site client_0")
+    assert f": skipping ROI {roi}: " in named[0]
+    assert str(broken) in (out / "sites.log").read_text()
+    assert any(str(out / "sites.log") in r.getMessage() for r in caplog.records)
 
 
 def test_fedadam_moments_survive_a_checkpoint(tmp_path: Path) -> None:
