@@ -65,7 +65,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _data_sets(args: argparse.Namespace) -> list[str]:
     if args.data is None:
         return [f"data.dataset={args.dataset or 'synthetic'}"]
-    kind = args.dataset or ("bcss" if (args.data / "masks").is_dir() else "sites")
+    from .data.source import data_kind
+
+    kind = args.dataset or data_kind(args.data)
     return [f"data.dataset={kind}", f"data.root={args.data}"]
 
 

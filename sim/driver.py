@@ -10,7 +10,7 @@ from typing import Any
 
 from egcmf_model.config import Config, ConfigError, apply_overrides, load_config
 from egcmf_model.data.io import DataError
-from egcmf_model.data.source import DataSource, open_source
+from egcmf_model.data.source import DataSource, data_kind, open_source
 from egcmf_model.engine import checked_weights
 from fl_server.runfolder import check_new, refuse, resumed, run_defining, write_settings
 from fl_server.settings import (
@@ -39,6 +39,8 @@ def _overrides(args: argparse.Namespace, stated: set[str] | None) -> list[str]:
     """``--set`` and the configuration flags as overrides (only those ``stated``, if given)."""
     flags = {key: getattr(args, dest) for key, dest in CONFIG_FLAGS.items()
              if stated is None or dest in stated}
+    if stated is None and args.data is not None and args.dataset is None:  # a new run's --data
+        flags["data.dataset"] = data_kind(args.data)  # a resumed run keeps what it had
     if args.keep_norm_local:
         flags["train.keep_norm_local"] = True
     if args.dp:  # DP-SGD needs per-sample gradients: GroupNorm instead of BatchNorm

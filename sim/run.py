@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs per round at each site (default: the preset's, 7 for tiny; "
                         "1 under --dp on the built-in synthetic set)")
     p.add_argument("--dataset", choices=("synthetic", "sites", "bcss"),
-                   help="what --data holds (default: synthetic, the built-in set)")
+                   help="what --data holds (default: bcss for a folder with masks/, else "
+                        "sites; without --data, synthetic: the built-in set)")
     p.add_argument("--data", type=Path, help="data folder (default: generated synthetic set)")
     p.add_argument("--partition", choices=("iid", "dirichlet", "institution"),
                    help="how the pooled training ROIs are split into --clients sites "

@@ -133,3 +133,22 @@ def test_data_summary_bcss_contract(bcss_root: Path, capsys) -> None:
     assert a2["pixels"] == dict(zip(bcss.BCSS_CLASSES, expected.tolist(), strict=True))
     assert sorted(doc["test"]["rois"]) == sorted([SLIDES[4], SLIDES[5]])
     assert doc["upsampled"] is None  # no list given: said so, not guessed
+
+
+def test_a_simulation_on_a_bcss_folder_needs_no_dataset_flag(bcss_root: Path, tmp_path: Path,
+                                                            caplog) -> None:
+    """``sim/run.py --data BCSS/`` knows the folder by its masks/, as ``egcmf`` does, and says
+    once that the list of 20x slides is missing."""
+    import logging
+
+    from sim.run import main as sim_main
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        assert sim_main(["--data", str(bcss_root), "--partition", "iid", "--clients", "2",
+                         "--rounds", "1", "--local-epochs", "1", "--variant", "unet",
+                         "--out", str(out)]) == 0
+    assert "dataset: bcss" in (out / "config.yaml").read_text()
+    assert sum(bcss.UPSAMPLED_LIST in r.getMessage() for r in caplog.records) == 1
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(line["sites"]) == {"client_00", "client_01"}

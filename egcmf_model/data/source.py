@@ -6,6 +6,7 @@ site, all sites pooled (the centralised baseline) or the virtual sites of a part
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -69,6 +70,12 @@ def open_source(cfg: DataConfig, roi_side: int) -> DataSource:
     return open_sites(root, dataset="synthetic")
 
 
+def data_kind(root: Path) -> str:
+    """What a data folder holds when nobody says: ``bcss`` for a folder with ``masks/`` (the
+    BCSS release's layout), else ``sites`` (one site folder or a folder of them)."""
+    return "bcss" if (root / "masks").is_dir() else "sites"
+
+
 def _root(cfg: DataConfig) -> Path:
     if not cfg.root:
         raise DataError(f"--dataset {cfg.dataset} needs --data DIR")
@@ -98,8 +105,7 @@ def open_bcss(root: Path, val_fraction: float = 0.2, seed: int = 0) -> DataSourc
     splits = bcss.bcss_split([stem for stem, _, _ in pairs], val_fraction, seed)
     listed = bcss.upsampled_slides(root)
     if listed is None:
-        log.warning("%s: no %s; the BCSS slides scanned at 20x (upsampled to 0.25 µm/px) are not "
-                    "recorded", root, bcss.UPSAMPLED_LIST)
+        _say_unlisted(root)
     records = tuple(
         RoiRecord(roi_id=stem, site=bcss.institution(stem), split=splits[stem], he=image,
                   mask=mask, bcss_codes=True,
@@ -107,6 +113,13 @@ def open_bcss(root: Path, val_fraction: float = 0.2, seed: int = 0) -> DataSourc
         for stem, image, mask in pairs
     )
     return DataSource("bcss", bcss.BCSS_CLASSES, records)
+
+
+@functools.cache
+def _say_unlisted(root: Path) -> None:
+    """Warn once per folder, however often a command opens it, that the list is missing."""
+    log.warning("%s: no %s; the BCSS slides scanned at 20x (upsampled to 0.25 µm/px) are not "
+                "recorded", root, bcss.UPSAMPLED_LIST)
 
 
 def cache_dir() -> Path:
