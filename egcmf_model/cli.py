@@ -47,17 +47,31 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_site(args: argparse.Namespace) -> int:
-    from .data.sites import check_site
+    from .data.io import DataError
+    from .data.sites import check_site, find_sites
 
-    problems = check_site(args.dir, registration=not args.no_registration)
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"{args.dir}: {len(problems)} problem(s); fix them before this site joins",
+    try:
+        sites = find_sites(args.dir)
+    except DataError:
+        sites = [args.dir]  # check_site says what is missing
+    single = sites == [args.dir]
+    found = {}
+    for site in sites:
+        problems = found[site.name] = check_site(site, not args.no_registration)
+        if not single:  # a folder of sites: each site's problems under its name
+            print(f"{site.name}: {len(problems)} problem(s)" if problems else f"{site.name}: OK")
+        for line in problems:
+            print(line if single else f"  {line}")
+    failed = [name for name, problems in found.items() if problems]
+    if single and failed:
+        print(f"{args.dir}: {len(found[failed[0]])} problem(s); fix them before this site joins",
               file=sys.stderr)
-        return 1
-    print(f"{args.dir}: OK")
-    return 0
+    elif failed:
+        print(f"{args.dir}: {len(failed)} of {len(sites)} sites have problems "
+              f"({', '.join(failed)}); fix them before they join", file=sys.stderr)
+    else:
+        print(f"{args.dir}: OK" if single else f"{args.dir}: all {len(sites)} sites OK")
+    return 1 if failed else 0
 
 
 def _cmd_data_summary(args: argparse.Namespace) -> int:
@@ -93,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true", help="also write OUT/preview.png")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("check-site", help="validate a site folder before it joins")
-    p.add_argument("dir", type=Path)
+    p = sub.add_parser("check-site", help="validate a site folder, or each in a folder of "
+                       "sites, before it joins")
+    p.add_argument("dir", type=Path, help="a site folder (with site.yaml) or a folder of them")
     p.add_argument("--no-registration", action="store_true", help="skip the H&E/CK5/6 check")
     p.set_defaults(func=_cmd_check_site)
 

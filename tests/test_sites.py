@@ -139,3 +139,17 @@ def test_loader_skips_missing_roi_at_start(site: Path, caplog) -> None:
         dataset = RoiDataset(open_sites(site).split("train"), meta.classes, in_size=64)
     assert len(dataset) == len(meta.splits["train"]) - 1
     assert any(gone in r.message for r in caplog.records)
+
+
+def test_a_folder_of_sites_is_checked_site_by_site(synth_root: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    root = Path(shutil.copytree(synth_root, tmp_path / "sites"))
+    assert main(["check-site", str(root)]) == 0
+    assert f"{root}: all 3 sites OK" in capsys.readouterr().out
+    (_roi(root / "site_02", 1) / "mask.png").write_text("x")
+    assert main(["check-site", str(root), "--no-registration"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["site_01: OK", "site_02: 1 problem(s)",
+                                         captured.out.splitlines()[2], "site_03: OK"]
+    assert captured.out.splitlines()[2].startswith("  rois/roi_0001/mask.png:")
+    assert "1 of 3 sites have problems (site_02)" in captured.err
