@@ -84,7 +84,7 @@ def _site_log(context: Context, defaults: dict[str, Any]) -> Iterator[None]:
         yield
         return
     site = resolve_site(dict(context.node_config), defaults).name
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # made at the first line
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {site} %(levelname)s %(message)s"))
     root = logging.getLogger()

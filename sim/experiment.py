@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -160,6 +161,59 @@ def _echo_site_log(path: Path, every: float = 0.5) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _stopped_by_interrupt(out: Path) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) stops the simulation at once, with one line that says how to go on.
+    Flower's simulation cannot be cancelled: its threads would keep the process alive, waiting
+    for workers that the interrupt ended, and Ray cannot be shut down under them. So the
+    process ends at once, and the Ray processes it started are ended a moment later, once it
+    is gone. What is saved stays (checkpoints and metrics are written whole), and ``--resume``
+    continues after the last finished round."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        logging.disable(logging.CRITICAL)  # the workers' ends are not the user's errors
+        print(f"sim/run.py: stopped; the finished rounds stay in {out}: continue with "
+              f"python sim/run.py --resume --out {out}", file=sys.stderr, flush=True)
+        started = _descendants(os.getpid())
+        if started:
+            import subprocess
+
+            pids = " ".join(map(str, started))
+            subprocess.Popen(["sh", "-c", f"sleep 1; kill -9 {pids} 2>/dev/null"],
+                             start_new_session=True, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started and theirs, from ``/proc`` (none where there is no
+    ``/proc``: Ray's agents then end by themselves within a minute)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+@contextlib.contextmanager
 def _ray_with_warm_workers(init_args: dict[str, Any]) -> Iterator[None]:
     """Ray as Flower's simulation would start it (the driver's ``sys.path`` for the workers),
     whose workers import the site's code as they start (:mod:`fl_client.warm`); Flower uses
@@ -212,7 +266,8 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": init_args}
     _quiet_flower()
-    with _ray_with_warm_workers(init_args), _echo_site_log(s.out / SITE_LOG):
+    with (_ray_with_warm_workers(init_args), _echo_site_log(s.out / SITE_LOG),
+          _stopped_by_interrupt(s.out)):
         run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
                        backend_config=backend)
     summary_path = s.out / "summary.json"

@@ -194,3 +194,55 @@ def test_simulation_workers_import_the_site_code_as_they_start() -> None:
         assert not ray.get(ray.remote(site_code_loaded).remote())
     finally:
         ray.shutdown()
+
+
+def _ray_processes() -> set[int]:
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"ray::" in cmd or b"raylet" in cmd or b"gcs_server" in cmd:
+            found.add(int(proc.name))
+    return found
+
+
+def test_ctrl_c_stops_a_simulation_in_one_line_and_resume_finishes_it(tmp_path: Path,
+                                                                        synth_root: Path) -> None:
+    """Ctrl-C used to print Flower's tracebacks and leave the process hanging on its threads.
+    It now stops at once with one line saying how to go on, leaves no Ray process behind, and
+    --resume finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    before = _ray_processes()
+    cmd = [sys.executable, "sim/run.py", *COMMON, "--rounds", "6", "--data", str(synth_root),
+           "--dataset", "synthetic", "--out", str(out)]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # the centre is running once it has evaluated the initial model
+        lines.append(line)
+        if line.startswith("initial model"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=60)[1].splitlines()
+    assert proc.returncode == 130, lines + rest
+    assert not any("Traceback" in line for line in rest), rest
+    assert rest[-1] == (f"sim/run.py: stopped; the finished rounds stay in {out}: continue with "
+                        f"python sim/run.py --resume --out {out}")
+    deadline = time.monotonic() + 20
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes() - before
+    resumed = subprocess.run([sys.executable, "sim/run.py", "--resume", "--out", str(out)],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5, 6]
