@@ -82,6 +82,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                         ("--local-epochs", args.local_epochs)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, not {value}")
+    if args.client_gpus:
+        _check_gpus(args.client_gpus)
     if args.alpha is not None and not args.alpha > 0:
         raise ValueError(f"--alpha must be above 0 (the Dirichlet concentration: the smaller, "
                          f"the more each site's classes are skewed), not {args.alpha:g}")
@@ -117,6 +119,20 @@ def resolve(args: argparse.Namespace) -> tuple[Config, DataSource, SimSettings]:
                                         if k in aggregation),
                                       *settings_from_args(args, RUN_FREE_FLAGS).items()))
     return cfg, source, run
+
+
+def _check_gpus(share: float) -> None:
+    """Flower's simulation would hang with no client able to start; say so instead."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not share > 0:
+        raise ValueError(f"--client-gpus must be above 0 (a share of one GPU per site), "
+                         f"not {share:g}; leave it out to simulate on the CPU")
+    if share > gpus:
+        have = f"{gpus} GPU(s)" if gpus else "no GPU that PyTorch can use"
+        raise ValueError(f"--client-gpus {share:g} gives each virtual site {share:g} GPU(s); "
+                         f"this machine has {have}. Leave it out to simulate on the CPU")
 
 
 def _resumed(args: argparse.Namespace, flags: dict[str, Any], extra: dict[str, Any]

@@ -128,7 +128,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, synth_root: Path, cap
                       (["--clients", "0"], "--clients must be at least 1"),
                       (["--local-epochs", "-1"], "--local-epochs must be at least 1"),
                       (["--partition", "dirichlet", "--alpha", "-1"], "--alpha must be above 0"),
-                      (["--fault", "foo:1", "--partition", "iid"], "use KIND:COUNT")]:
+                      (["--fault", "foo:1", "--partition", "iid"], "use KIND:COUNT"),
+                      (["--client-gpus", "64"], "GPU(s); this machine has"),  # hung in Flower
+                      (["--client-gpus", "-1"], "--client-gpus must be above 0")]:
         for out in (tmp_path / "x", empty):
             assert main([*args, *data, "--out", str(out)]) == 2
             assert why in capsys.readouterr().err
