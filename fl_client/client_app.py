@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def _site_log(context: Context, defaults: dict[str, Any]) -> Iterator[None]:
     site = resolve_site(dict(context.node_config), defaults).name
     handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # made at the first line
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {site} %(levelname)s %(message)s"))
+    handler.setFormatter(SiteLogFormat(site))
     root = logging.getLogger()
     root.addHandler(handler)
     try:
@@ -94,6 +95,19 @@ def _site_log(context: Context, defaults: dict[str, Any]) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+class SiteLogFormat(logging.Formatter):
+    """``TIME LEVEL site "NAME": message``, the name as a JSON string, and every further line
+    of the entry (a message's own, a traceback's) indented: no file name or message a site
+    logs can pass for an entry of its own or of another site."""
+
+    def __init__(self, site: str) -> None:
+        name = json.dumps(site).replace("%", "%%")
+        super().__init__(f"%(asctime)s %(levelname)s site {name}: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\n    ")
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,6 @@ def _overrides(args: argparse.Namespace, stated: set[str] | None) -> list[str]:
     """``--set`` and the configuration flags as overrides (only those ``stated``, if given)."""
     flags = {key: getattr(args, dest) for key, dest in CONFIG_FLAGS.items()
              if stated is None or dest in stated}
-    if stated is None and args.data is not None and args.dataset is None:  # a new run's --data
-        flags["data.dataset"] = data_kind(args.data)  # a resumed run keeps what it had
     if args.keep_norm_local:
         flags["train.keep_norm_local"] = True
     if args.dp:  # DP-SGD needs per-sample gradients: GroupNorm instead of BatchNorm
@@ -59,6 +57,10 @@ def configured(args: argparse.Namespace, stated: set[str] | None = None) -> Conf
     --set < flags."""
     overrides = _overrides(args, stated)
     cfg = load_config(args.preset, args.config, overrides)
+    if (stated is None and args.data is not None and args.dataset is None
+            and cfg.data.dataset == "synthetic"):  # a new run's --data, its kind said nowhere
+        overrides.append(f"data.dataset={data_kind(args.data)}")
+        cfg = load_config(args.preset, args.config, overrides)
     if cfg.dp.enabled and cfg.preset == "tiny" and built_in_synthetic(cfg):
         cfg = load_config(args.preset, args.config, overrides, defaults=DP_BUILT_IN)
     return cfg

@@ -116,8 +116,8 @@ def _quiet_flower() -> None:
 
 
 SITE_LOG = "sites.log"  # what the virtual sites log: warnings and errors, with tracebacks
-_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\S+) "
-                     r"(?:WARNING|ERROR|CRITICAL) (.*)$")  # a record's first line
+_ENTRY = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?:WARNING|ERROR|CRITICAL) '
+                    r'site ("(?:[^"\\]|\\.)*"): (.*)$')  # an entry's first line (SiteLogFormat)
 
 
 @contextlib.contextmanager
@@ -140,9 +140,13 @@ def _echo_site_log(path: Path, every: float = 0.5) -> Iterator[None]:
         complete = data[:data.rfind(b"\n") + 1]
         offset += len(complete)
         for line in complete.decode("utf-8", "replace").splitlines():
-            if (match := _RECORD.match(line)) and match.groups() not in seen:
-                seen.add(match.groups())
-                log.warning("site %s: %s", *match.groups())
+            if not (match := _ENTRY.match(line)):
+                continue  # a further line of an entry: a traceback stays in the file
+            site, message = json.loads(match[1]), match[2]
+            message = message.removeprefix(f"site {site}: ")
+            if (site, message) not in seen:
+                seen.add((site, message))
+                log.warning("site %s: %s", site, message)
 
     def follow() -> None:
         while not stop.wait(every):

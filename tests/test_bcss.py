@@ -152,3 +152,22 @@ def test_a_simulation_on_a_bcss_folder_needs_no_dataset_flag(bcss_root: Path, tm
     assert sum(bcss.UPSAMPLED_LIST in r.getMessage() for r in caplog.records) == 1
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert set(line["sites"]) == {"client_00", "client_01"}
+
+
+def test_the_folders_kind_is_guessed_only_where_nothing_states_it(bcss_root: Path,
+                                                                   tmp_path: Path) -> None:
+    from sim.driver import configured
+    from sim.run import build_parser
+
+    def kind(*argv: str) -> str:
+        return configured(build_parser().parse_args(list(argv))).data.dataset
+
+    config, sites = tmp_path / "exp.yaml", tmp_path / "sites"
+    config.write_text("data:\n  dataset: sites\n")
+    sites.mkdir()
+    assert kind("--data", str(bcss_root)) == "bcss"
+    assert kind("--data", str(sites)) == "sites"
+    assert kind("--data", str(bcss_root), "--set", "data.dataset=sites") == "sites"
+    assert kind("--data", str(bcss_root), "--config", str(config)) == "sites"
+    assert kind("--data", str(sites), "--dataset", "bcss") == "bcss"
+    assert kind() == "synthetic"

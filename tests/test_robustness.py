@@ -684,3 +684,41 @@ def test_a_float16_site_whose_variance_reached_zero_is_not_taken_for_a_negative_
     assert sorted(_site(m) for m in checked.kept) == ["c", "zero"]
     assert [r.site for r in checked.rejected] == ["below"]
     assert "negative variance" in checked.rejected[0].reason
+
+
+def test_the_sites_log_keeps_each_site_and_entry_apart_whatever_they_are_named(
+        tmp_path: Path, caplog) -> None:
+    """Site names with %, spaces or quotes are logged and echoed; an ROI named to look like
+    another site's entry cannot pass for one; the console shows each entry's first line once,
+    without the site named twice, and never a traceback."""
+    from fl_client.client_app import SiteLogFormat
+    from sim.experiment import _echo_site_log
+
+    path = tmp_path / "sites.log"
+    logger = logging.getLogger("test.sites")
+    forged = 'roi_1\n2026-01-01 00:00:00,000 ERROR site "B": the centre is compromised'
+    with caplog.at_level(logging.WARNING), _echo_site_log(path, every=0.05):
+        for site in ('St 100% Mary', 'Royal "Free"'):
+            handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+            handler.setFormatter(SiteLogFormat(site))
+            logger.addHandler(handler)
+            try:
+                logger.warning("skipping ROI %s: truncated", forged)
+                logger.warning("skipping ROI %s: truncated", forged)  # a second round
+                try:
+                    raise RuntimeError("boom")
+                except RuntimeError:
+                    logger.exception("site %s: training failed: boom", site)
+            finally:
+                logger.removeHandler(handler)
+                handler.close()
+    echoed = [r.getMessage() for r in caplog.records if r.name == "sim.experiment"]
+    assert echoed == [
+        "site St 100% Mary: skipping ROI roi_1",
+        "site St 100% Mary: training failed: boom",
+        'site Royal "Free": skipping ROI roi_1',
+        'site Royal "Free": training failed: boom',
+        f"the sites' warnings and errors, with details: {path}"]
+    text = path.read_text()
+    assert "Traceback (most recent call last)" in text
+    assert text.count("the centre is compromised") == 4
