@@ -138,7 +138,7 @@ def compare(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, Any]:
 
     results = {}
     for mode in ("federated", "centralized", "local"):
-        sub = dataclasses.replace(s, out=Path(s.out) / mode)
+        sub = dataclasses.replace(s, out=Path(s.out) / mode, compare_dir=Path(s.out))
         results[mode] = run_mode(mode, cfg, source, sub)
         write_reports(sub.out, results[mode], mode)
     write_comparison(Path(s.out), results)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
 from .public import DP_BUILT_IN, built_in_synthetic, with_public_encoders
+from .stopping import STOP_SIGNALS
 
 log = logging.getLogger("sim")
 
@@ -168,6 +173,10 @@ def run_from_args(args: argparse.Namespace, default_out: Path) -> dict[str, Any]
         if new:  # a run refused before its first round leaves its folder as it found it
             _clear_unstarted(args.out, existed)
         raise
+    except KeyboardInterrupt:  # before a federated run's simulation, or in a baseline's
+        if new and args.mode == "federated" and not args.compare:
+            _clear_unstarted(args.out, existed)  # (a baseline's checkpoints may be in flight)
+        raise
 
 
 def _clear_unstarted(out: Path, existed: bool) -> None:
@@ -200,10 +209,25 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     result = run_mode(args.mode, cfg, source, settings)
     from .report import write_reports
 
-    write_reports(settings.out, result, args.mode)
+    with _uninterrupted():  # a second: a complete run keeps its reports whole
+        write_reports(settings.out, result, args.mode)
     print((settings.out / "summary.md").read_text())
     log.info("run folder: %s", settings.out)
     return result
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def run_mode(mode: str, cfg: Config, source: DataSource, settings: SimSettings

@@ -28,6 +28,8 @@ from egcmf_model.data.source import DataSource, RoiRecord
 from egcmf_model.data.summary import site_partition
 from fl_server.settings import DEFAULTS
 
+from .stopping import STOP_SIGNALS, stop_line
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,7 @@ class SimSettings:
     resume: bool = False  # continue the run in ``out`` after its last checkpoint
     keep_checkpoints: int = DEFAULTS.keep_checkpoints  # round checkpoints kept, the newest
     server_options: tuple[tuple[str, Any], ...] = ()  # run-config entries of SERVER_FLAGS
+    compare_dir: Path | None = None  # the --compare run this one is part of (no resuming it)
 
 
 def virtual_sites(source: DataSource, s: SimSettings) -> dict[str, dict[str, list[RoiRecord]]]:
@@ -165,21 +168,29 @@ def _echo_site_log(path: Path, every: float = 0.5) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stopped_by_interrupt(out: Path) -> Iterator[None]:
-    """Ctrl-C (or SIGTERM) stops the simulation at once, with one line that says how to go on.
-    Flower's simulation cannot be cancelled: its threads would keep the process alive, waiting
-    for workers that the interrupt ended, and Ray cannot be shut down under them. So the
-    process ends at once, and the Ray processes it started are ended a moment later, once it
-    is gone. What is saved stays (checkpoints and metrics are written whole), and ``--resume``
-    continues after the last finished round."""
+def _stopped_by_interrupt(out: Path, compare_dir: Path | None) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM, or the terminal closing) stops the simulation at once, with one
+    line that says how to go on. Flower's simulation cannot be cancelled: its threads would
+    keep the process alive, waiting for workers that the interrupt ended, and Ray cannot be
+    shut down under them. So the process ends at once, and the Ray processes it started are
+    ended a moment later, once it is gone. What is saved stays (checkpoints and metrics are
+    written whole), and ``--resume`` continues after the last finished round; a run stopped
+    after its last round, its summary written, gets its reports written before it ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, _frame: Any) -> None:
         logging.disable(logging.CRITICAL)  # the workers' ends are not the user's errors
-        print(f"sim/run.py: stopped; the finished rounds stay in {out}: continue with "
-              f"python sim/run.py --resume --out {out}", file=sys.stderr, flush=True)
+        summary = out / "summary.json"
+        if compare_dir is None and summary.exists():  # complete: Flower's teardown was left
+            from .report import write_reports
+
+            write_reports(out, json.loads(summary.read_text()), "federated")
+            line = f"sim/run.py: stopped after the run's last round; the run is complete: {out}"
+        else:
+            line = stop_line(compare_dir or out, resumable=compare_dir is None)
+        print(line, file=sys.stderr, flush=True)
         started = _descendants(os.getpid())
         if started:
             import subprocess
@@ -191,7 +202,7 @@ def _stopped_by_interrupt(out: Path) -> Iterator[None]:
         sys.stdout.flush()
         os._exit(128 + signum)
 
-    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -270,8 +281,8 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": init_args}
     _quiet_flower()
-    with (_ray_with_warm_workers(init_args), _echo_site_log(s.out / SITE_LOG),
-          _stopped_by_interrupt(s.out)):
+    with (_stopped_by_interrupt(s.out, s.compare_dir), _ray_with_warm_workers(init_args),
+          _echo_site_log(s.out / SITE_LOG)):
         run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
                        backend_config=backend)
     summary_path = s.out / "summary.json"

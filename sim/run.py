@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args, argv)
+    except KeyboardInterrupt:  # a federated simulation says so itself, and ends at once
+        from sim.stopping import stop_line
+
+        resumable = args.mode == "federated" and not args.compare
+        print(stop_line(args.out, resumable), file=sys.stderr)
+        return 130
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace,
+          argv: list[str] | None) -> int:
     _quiet_logging(args.verbose)
     from fl_server.runfolder import given_options
 

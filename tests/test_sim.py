@@ -210,32 +210,45 @@ def _ray_processes() -> set[int]:
     return found
 
 
+def _interrupted(cmd: list[str], when: str) -> tuple[int, list[str]]:
+    """Run ``sim/run.py`` with ``cmd``, press Ctrl-C (SIGINT to its process group, as a
+    terminal does) once a line of its output starts with ``when``; its exit status and the
+    lines it printed after."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "sim/run.py", *cmd], cwd=root, env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    for line in proc.stderr:
+        if line.startswith(when):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1].splitlines()
+    return proc.returncode, rest
+
+
 def test_ctrl_c_stops_a_simulation_in_one_line_and_resume_finishes_it(tmp_path: Path,
                                                                         synth_root: Path) -> None:
     """Ctrl-C used to print Flower's tracebacks and leave the process hanging on its threads.
     It now stops at once with one line saying how to go on, leaves no Ray process behind, and
     --resume finishes the run."""
     import os
-    import signal
     import subprocess
     import sys
     import time
 
     out = tmp_path / "run"
     before = _ray_processes()
-    cmd = [sys.executable, "sim/run.py", *COMMON, "--rounds", "6", "--data", str(synth_root),
-           "--dataset", "synthetic", "--out", str(out)]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:  # the centre is running once it has evaluated the initial model
-        lines.append(line)
-        if line.startswith("initial model"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.communicate(timeout=60)[1].splitlines()
-    assert proc.returncode == 130, lines + rest
+    data = ["--data", str(synth_root), "--dataset", "synthetic"]
+    # the centre is running once it has evaluated the initial model
+    code, rest = _interrupted([*COMMON, "--rounds", "6", *data, "--out", str(out)],
+                              when="initial model")
+    assert code == 130, rest
     assert not any("Traceback" in line for line in rest), rest
     assert rest[-1] == (f"sim/run.py: stopped; the finished rounds stay in {out}: continue with "
                         f"python sim/run.py --resume --out {out}")
@@ -243,8 +256,37 @@ def test_ctrl_c_stops_a_simulation_in_one_line_and_resume_finishes_it(tmp_path: 
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes() - before
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     resumed = subprocess.run([sys.executable, "sim/run.py", "--resume", "--out", str(out)],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=240)
+                             cwd=Path(__file__).resolve().parents[1], env=env,
+                             capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_before_a_run_or_in_a_baseline_says_what_is_left(
+        tmp_path: Path, synth_root: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Stopped before its simulation began (settings written, Ray not started): nothing is
+    left, so the same command runs again in the same folder. In a baseline, which cannot be
+    resumed, the line says so."""
+    from sim import driver
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    data = ["--data", str(synth_root), "--dataset", "synthetic"]
+    early = tmp_path / "early"
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "run_federated", interrupted)
+        assert main([*COMMON, *data, "--out", str(early)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("sim/run.py: stopped before the run "
+                                                       "began; nothing was written")
+    assert not early.exists()
+    central = tmp_path / "central"
+    code, rest = _interrupted([*COMMON, "--rounds", "40", "--mode", "centralized", *data,
+                               "--out", str(central)], when="centralized round 1/")
+    assert code == 130, rest
+    assert rest[-1] == (f"sim/run.py: stopped; what was written stays in {central}, but only a "
+                        "federated run can be resumed: run this one again with another --out")
+    assert not any("Traceback" in line for line in rest), rest
