@@ -149,7 +149,7 @@ def before(step: Step, work: Path) -> None:
         bcss_stand_in(work)
 
 
-def run(step: Step, work: Path, env: dict[str, str]) -> dict:
+def run(step: Step, work: Path, env: dict[str, str], limit: float) -> dict:
     runs = set((work / "runs").glob("*"))
     log = work / "logs" / f"{step.name}.log"
     log.parent.mkdir(exist_ok=True)
@@ -162,7 +162,11 @@ def run(step: Step, work: Path, env: dict[str, str]) -> dict:
                 os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
                 break
             time.sleep(0.2)
-        proc.wait()
+        try:
+            proc.wait(timeout=max(1.0, limit - (time.monotonic() - began)))
+        except subprocess.TimeoutExpired:  # a command that hangs is a failure, not a stall
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     seconds = time.monotonic() - began
     new = sorted(set((work / "runs").glob("*")) - runs)
     return {"step": step.name, "rc": proc.returncode, "seconds": round(seconds, 1),
@@ -199,6 +203,9 @@ def main() -> int:
     p.add_argument("--work", type=Path, help="an empty folder (default: a new temporary one)")
     p.add_argument("--only", nargs="+", metavar="STEP", choices=[s.name for s in STEPS],
                    help="these steps alone (a later step needs what the earlier ones wrote)")
+    p.add_argument("--limit", type=float, default=1800.0,
+                   help="seconds a command may take before it counts as hung and is ended "
+                        "(default %(default)s)")
     args = p.parse_args()
     check_readme()
     work = args.work or Path(tempfile.mkdtemp(prefix="egcmf-readme-"))
@@ -214,7 +221,7 @@ def main() -> int:
         if args.only and step.name not in args.only:
             continue
         before(step, work)
-        result = run(step, work, env)
+        result = run(step, work, env, args.limit)
         results.append(result)
         if not expected(step, result, gpu):
             failed.append(step.name)

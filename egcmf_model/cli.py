@@ -50,28 +50,37 @@ def _cmd_check_site(args: argparse.Namespace) -> int:
     from .data.io import DataError
     from .data.sites import check_site, find_sites
 
+    if not args.dir.is_dir():
+        print(f"{args.dir}: not a folder; give a site folder (with site.yaml) or a folder of "
+              "them", file=sys.stderr)
+        return 1
     try:
         sites = find_sites(args.dir)
     except DataError:
         sites = [args.dir]  # check_site says what is missing
-    single = sites == [args.dir]
-    found = {}
-    for site in sites:
-        problems = found[site.name] = check_site(site, not args.no_registration)
-        if not single:  # a folder of sites: each site's problems under its name
-            print(f"{site.name}: {len(problems)} problem(s)" if problems else f"{site.name}: OK")
-        for line in problems:
-            print(line if single else f"  {line}")
-    failed = [name for name, problems in found.items() if problems]
-    if single and failed:
-        print(f"{args.dir}: {len(found[failed[0]])} problem(s); fix them before this site joins",
+    if sites == [args.dir]:
+        problems = check_site(args.dir, not args.no_registration)
+        print("\n".join(problems) if problems else f"{args.dir}: OK")
+        if problems:
+            print(f"{args.dir}: {len(problems)} problem(s); fix them before this site joins",
+                  file=sys.stderr)
+        return 1 if problems else 0
+    failed = []  # a folder of sites: each one's problems under its name
+    for folder in sorted(d for d in args.dir.iterdir() if d.is_dir() and d.name[0] != "."):
+        if folder not in sites:  # it would stay out of the federation without a word
+            print(f"{folder.name}: not a site folder (no site.yaml)")
+            failed.append(folder.name)
+            continue
+        problems = check_site(folder, not args.no_registration)
+        print(f"{folder.name}: {len(problems)} problem(s)" if problems else f"{folder.name}: OK")
+        print("".join(f"  {line}\n" for line in problems), end="")
+        failed += [folder.name] if problems else []
+    if failed:
+        print(f"{args.dir}: {', '.join(failed)} not ready; fix them before the sites join",
               file=sys.stderr)
-    elif failed:
-        print(f"{args.dir}: {len(failed)} of {len(sites)} sites have problems "
-              f"({', '.join(failed)}); fix them before they join", file=sys.stderr)
-    else:
-        print(f"{args.dir}: OK" if single else f"{args.dir}: all {len(sites)} sites OK")
-    return 1 if failed else 0
+        return 1
+    print(f"{args.dir}: all {len(sites)} sites OK")
+    return 0
 
 
 def _cmd_data_summary(args: argparse.Namespace) -> int:

@@ -152,4 +152,14 @@ def test_a_folder_of_sites_is_checked_site_by_site(synth_root: Path, tmp_path: P
     assert captured.out.splitlines() == ["site_01: OK", "site_02: 1 problem(s)",
                                          captured.out.splitlines()[2], "site_03: OK"]
     assert captured.out.splitlines()[2].startswith("  rois/roi_0001/mask.png:")
-    assert "1 of 3 sites have problems (site_02)" in captured.err
+    assert "site_02 not ready" in captured.err
+    (_roi(root / "site_02", 1) / "mask.png").unlink()
+    shutil.copy(_roi(root / "site_01", 1) / "mask.png", _roi(root / "site_02", 1) / "mask.png")
+    (root / "site_03" / "site.yaml").unlink()  # a hospital left out without a word, before
+    (root / "notes.txt").write_text("x")
+    assert main(["check-site", str(root), "--no-registration"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["site_01: OK", "site_02: OK",
+                                         "site_03: not a site folder (no site.yaml)"]
+    assert main(["check-site", str(root / "notes.txt")]) == 1
+    assert "notes.txt: not a folder" in capsys.readouterr().err
