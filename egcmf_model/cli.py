@@ -66,14 +66,16 @@ def _cmd_check_site(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 1 if problems else 0
     failed = []  # a folder of sites: each one's problems under its name
-    for folder in sorted(d for d in args.dir.iterdir() if d.is_dir() and d.name[0] != "."):
+    for folder in sorted(d for d in args.dir.iterdir()  # what the loaders read, and the rest
+                         if d in sites or (d.is_dir() and d.name[0] != ".")):
         if folder not in sites:  # it would stay out of the federation without a word
             print(f"{folder.name}: not a site folder (no site.yaml)")
             failed.append(folder.name)
             continue
         problems = check_site(folder, not args.no_registration)
         print(f"{folder.name}: {len(problems)} problem(s)" if problems else f"{folder.name}: OK")
-        print("".join(f"  {line}\n" for line in problems), end="")
+        print("".join(f"  {line}\n".replace("\n", "\n  ").rstrip(" ") for line in problems),
+              end="")
         failed += [folder.name] if problems else []
     if failed:
         print(f"{args.dir}: {', '.join(failed)} not ready; fix them before the sites join",

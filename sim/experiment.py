@@ -89,9 +89,22 @@ def site_caps(sites: dict[str, dict[str, list[RoiRecord]]], classes: tuple[str, 
     ROIs, the most its replies may claim as ``num-examples``."""
     from egcmf_model.data.dataset import RoiDataset
 
-    return {name: {stage: len(RoiDataset(split[key], classes, cfg.model.in_size))
-                   for stage, key in (("train", "train"), ("evaluate", "val"))}
-            for name, split in sites.items()}
+    with _quiet("egcmf_model.data.dataset"):  # the site names what it skips (sites.log)
+        return {name: {stage: len(RoiDataset(split[key], classes, cfg.model.in_size))
+                       for stage, key in (("train", "train"), ("evaluate", "val"))}
+                for name, split in sites.items()}
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The logger ``name`` says only errors while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def faulty_sites(spec: str, names: list[str], seed: int) -> dict[str, str]:
@@ -142,11 +155,11 @@ def _echo_site_log(path: Path, every: float = 0.5) -> Iterator[None]:
             return
         complete = data[:data.rfind(b"\n") + 1]
         offset += len(complete)
-        for line in complete.decode("utf-8", "replace").splitlines():
+        for line in complete.decode("utf-8", "replace").split("\n"):  # entries end in \n alone
             if not (match := _ENTRY.match(line)):
                 continue  # a further line of an entry: a traceback stays in the file
             site, message = json.loads(match[1]), match[2]
-            message = message.removeprefix(f"site {site}: ")
+            message = _printable(message.removeprefix(f"site {site}: "))
             if (site, message) not in seen:
                 seen.add((site, message))
                 log.warning("site %s: %s", site, message)
@@ -165,6 +178,12 @@ def _echo_site_log(path: Path, every: float = 0.5) -> Iterator[None]:
         echo()
         if seen:
             log.warning("the sites' warnings and errors, with details: %s", path)
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters (a carriage return, a form feed…) escaped, so that
+    no name can rewrite the console's line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 @contextlib.contextmanager
@@ -190,7 +209,8 @@ def _stopped_by_interrupt(out: Path, compare_dir: Path | None) -> Iterator[None]
             line = f"sim/run.py: stopped after the run's last round; the run is complete: {out}"
         else:
             line = stop_line(compare_dir or out, resumable=compare_dir is None)
-        print(line, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # nobody may read it any more (a closed pipe)
+            print(line, file=sys.stderr, flush=True)
         started = _descendants(os.getpid())
         if started:
             import subprocess
@@ -199,7 +219,8 @@ def _stopped_by_interrupt(out: Path, compare_dir: Path | None) -> Iterator[None]
             subprocess.Popen(["sh", "-c", f"sleep 1; kill -9 {pids} 2>/dev/null"],
                              start_new_session=True, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sys.stdout.flush()
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
         os._exit(128 + signum)
 
     before = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
@@ -281,7 +302,9 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": init_args}
     _quiet_flower()
-    with (_stopped_by_interrupt(s.out, s.compare_dir), _ray_with_warm_workers(init_args),
+    stopped = _stopped_by_interrupt(s.out, s.compare_dir)
+    with (stopped, _ray_with_warm_workers(init_args),  # stopped while Ray starts, too
+          _stopped_by_interrupt(s.out, s.compare_dir),  # again: Ray set its own SIGTERM's
           _echo_site_log(s.out / SITE_LOG)):
         run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
                        backend_config=backend)

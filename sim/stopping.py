@@ -8,7 +8,7 @@ from pathlib import Path
 
 def stop_line(out: Path | None, resumable: bool = True) -> str:
     """What a stopped run tells its user: where it stands and the command that goes on."""
-    if out is None or not out.exists():
+    if out is None or not out.is_dir() or not any(out.iterdir()):
         return "sim/run.py: stopped before the run began; nothing was written"
     if not resumable:
         return (f"sim/run.py: stopped; what was written stays in {out}, but only a federated "

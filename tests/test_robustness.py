@@ -706,6 +706,8 @@ def test_the_sites_log_keeps_each_site_and_entry_apart_whatever_they_are_named(
             try:
                 logger.warning("skipping ROI %s: truncated", forged)
                 logger.warning("skipping ROI %s: truncated", forged)  # a second round
+                for sep in ("\r", "\u2028", "\x0c"):  # line breaks to Python, not to the log
+                    logger.warning("skipping ROI %s", forged.replace("\n", sep))
                 try:
                     raise RuntimeError("boom")
                 except RuntimeError:
@@ -714,12 +716,16 @@ def test_the_sites_log_keeps_each_site_and_entry_apart_whatever_they_are_named(
                 logger.removeHandler(handler)
                 handler.close()
     echoed = [r.getMessage() for r in caplog.records if r.name == "sim.experiment"]
+    escaped = [f"skipping ROI {forged.replace(chr(10), sep)}" for sep in ("\\r", "\\u2028",
+                                                                         "\\x0c")]
     assert echoed == [
         "site St 100% Mary: skipping ROI roi_1",
+        *(f"site St 100% Mary: {line}" for line in escaped),
         "site St 100% Mary: training failed: boom",
         'site Royal "Free": skipping ROI roi_1',
+        *(f'site Royal "Free": {line}' for line in escaped),
         'site Royal "Free": training failed: boom',
         f"the sites' warnings and errors, with details: {path}"]
     text = path.read_text()
     assert "Traceback (most recent call last)" in text
-    assert text.count("the centre is compromised") == 4
+    assert text.count("the centre is compromised") == 10

@@ -210,7 +210,7 @@ def _ray_processes() -> set[int]:
     return found
 
 
-def _interrupted(cmd: list[str], when: str) -> tuple[int, list[str]]:
+def _interrupted(cmd: list[str], when: str, sig: int | None = None) -> tuple[int, list[str]]:
     """Run ``sim/run.py`` with ``cmd``, press Ctrl-C (SIGINT to its process group, as a
     terminal does) once a line of its output starts with ``when``; its exit status and the
     lines it printed after."""
@@ -227,7 +227,7 @@ def _interrupted(cmd: list[str], when: str) -> tuple[int, list[str]]:
     for line in proc.stderr:
         if line.startswith(when):
             break
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig or signal.SIGINT)
     rest = proc.communicate(timeout=60)[1].splitlines()
     return proc.returncode, rest
 
@@ -268,8 +268,10 @@ def test_ctrl_c_stops_a_simulation_in_one_line_and_resume_finishes_it(tmp_path: 
 def test_ctrl_c_before_a_run_or_in_a_baseline_says_what_is_left(
         tmp_path: Path, synth_root: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Stopped before its simulation began (settings written, Ray not started): nothing is
-    left, so the same command runs again in the same folder. In a baseline, which cannot be
-    resumed, the line says so."""
+    left, so the same command runs again in the same folder. SIGTERM stops a simulation as
+    Ctrl-C does. In a baseline, which cannot be resumed, the line says so."""
+    import signal
+
     from sim import driver
 
     def interrupted(*_args: object) -> None:
@@ -283,6 +285,11 @@ def test_ctrl_c_before_a_run_or_in_a_baseline_says_what_is_left(
     assert capsys.readouterr().err.splitlines()[-1] == ("sim/run.py: stopped before the run "
                                                        "began; nothing was written")
     assert not early.exists()
+    term = tmp_path / "term"  # SIGTERM, once Ray has set its own handler for it
+    code, rest = _interrupted([*COMMON, "--rounds", "6", *data, "--out", str(term)],
+                              when="initial model", sig=signal.SIGTERM)
+    assert code == 143, rest
+    assert rest[-1].startswith(f"sim/run.py: stopped; the finished rounds stay in {term}")
     central = tmp_path / "central"
     code, rest = _interrupted([*COMMON, "--rounds", "40", "--mode", "centralized", *data,
                                "--out", str(central)], when="centralized round 1/")

@@ -163,3 +163,10 @@ def test_a_folder_of_sites_is_checked_site_by_site(synth_root: Path, tmp_path: P
                                          "site_03: not a site folder (no site.yaml)"]
     assert main(["check-site", str(root / "notes.txt")]) == 1
     assert "notes.txt: not a folder" in capsys.readouterr().err
+    (root / "site_03").rename(root / ".site_03")  # hidden, yet a site the loaders read
+    (root / ".site_03" / "site.yaml").write_bytes("name: Hôpital\n".encode("cp1252"))
+    assert main(["check-site", str(root), "--no-registration"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ".site_03: 1 problem(s)"
+    assert out[1].startswith("  ")
+    assert "site.yaml: not UTF-8 text" in out[1]

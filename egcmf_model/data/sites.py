@@ -50,9 +50,13 @@ def load_site_meta(root: Path) -> SiteMeta:
     """Parse ``root/site.yaml``; raise :class:`DataError` naming the file and the key."""
     path = root / "site.yaml"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DataError(f"{path}: missing file (every site folder needs a site.yaml)") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: malformed YAML ({exc})") from exc
     if not isinstance(data, dict):
