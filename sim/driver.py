@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import shutil
 import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ from fl_server.strategy import protection_problem
 
 from .experiment import SimSettings, run_federated
 from .public import DP_BUILT_IN, built_in_synthetic, with_public_encoders
-from .stopping import STOP_SIGNALS
+from .stopping import signals_to
 
 log = logging.getLogger("sim")
 
@@ -209,25 +206,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     result = run_mode(args.mode, cfg, source, settings)
     from .report import write_reports
 
-    with _uninterrupted():  # a second: a complete run keeps its reports whole
+    with signals_to(signal.SIG_IGN):  # a second: a complete run keeps its reports whole
         write_reports(settings.out, result, args.mode)
     print((settings.out / "summary.md").read_text())
     log.info("run folder: %s", settings.out)
     return result
-
-
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def run_mode(mode: str, cfg: Config, source: DataSource, settings: SimSettings

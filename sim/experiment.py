@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from egcmf_model.data.source import DataSource, RoiRecord
 from egcmf_model.data.summary import site_partition
 from fl_server.settings import DEFAULTS
 
-from .stopping import STOP_SIGNALS, stop_line
+from .stopping import signals_to, stop_line
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +185,8 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-@contextlib.contextmanager
-def _stopped_by_interrupt(out: Path, compare_dir: Path | None) -> Iterator[None]:
+def _stopped_by_interrupt(out: Path, compare_dir: Path | None
+                          ) -> contextlib.AbstractContextManager[None]:
     """Ctrl-C (or SIGTERM, or the terminal closing) stops the simulation at once, with one
     line that says how to go on. Flower's simulation cannot be cancelled: its threads would
     keep the process alive, waiting for workers that the interrupt ended, and Ray cannot be
@@ -195,9 +194,6 @@ def _stopped_by_interrupt(out: Path, compare_dir: Path | None) -> Iterator[None]
     ended a moment later, once it is gone. What is saved stays (checkpoints and metrics are
     written whole), and ``--resume`` continues after the last finished round; a run stopped
     after its last round, its summary written, gets its reports written before it ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def stop(signum: int, _frame: Any) -> None:
         logging.disable(logging.CRITICAL)  # the workers' ends are not the user's errors
@@ -223,12 +219,7 @@ def _stopped_by_interrupt(out: Path, compare_dir: Path | None) -> Iterator[None]
             sys.stdout.flush()
         os._exit(128 + signum)
 
-    before = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    return signals_to(stop)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -302,8 +293,8 @@ def run_federated(cfg: Config, source: DataSource, s: SimSettings) -> dict[str, 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": s.client_gpus},
                "init_args": init_args}
     _quiet_flower()
-    stopped = _stopped_by_interrupt(s.out, s.compare_dir)
-    with (stopped, _ray_with_warm_workers(init_args),  # stopped while Ray starts, too
+    with (_stopped_by_interrupt(s.out, s.compare_dir),  # stopped while Ray starts, too
+          _ray_with_warm_workers(init_args),
           _stopped_by_interrupt(s.out, s.compare_dir),  # again: Ray set its own SIGTERM's
           _echo_site_log(s.out / SITE_LOG)):
         run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),

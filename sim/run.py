@@ -15,11 +15,10 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-from sim.stopping import STOP_SIGNALS, stop_line  # light: a stop answers at once
+from sim.stopping import signals_to, stop_line  # light: a stop answers at once
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals do not phone home
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -106,18 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         received[0] = signum
         raise KeyboardInterrupt
 
-    before = ({sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS[1:]}
-              if threading.current_thread() is threading.main_thread() else {})
     try:
-        return _main(parser, args, argv)
+        with signals_to(interrupt):
+            return _main(parser, args, argv)
     except KeyboardInterrupt:  # a federated simulation says so itself, and ends at once
         resumable = args.mode == "federated" and not args.compare
         with contextlib.suppress(OSError):  # nobody may read it any more
             print(stop_line(args.out, resumable), file=sys.stderr)
         return 128 + received[0]
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def stop_line(out: Path | None, resumable: bool = True) -> str:
@@ -18,3 +22,18 @@ def stop_line(out: Path | None, resumable: bool = True) -> str:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_to(handler: Callable[[int, Any], Any] | signal.Handlers) -> Iterator[None]:
+    """The stop signals go to ``handler`` while the block runs, then back to where they went;
+    outside the main thread, where Python handles no signal, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
