@@ -56,6 +56,7 @@ STEPS = [
     Step("synth", "egcmf synth --out data/synthetic --sites 5 --rois-per-site 12 --size 256 "
                   "--seed 0 --preview"),
     Step("check-site", "egcmf check-site data/synthetic/site_01"),
+    Step("check-sites", "egcmf check-site data/synthetic"),
     Step("data-summary", "egcmf data-summary --data data/synthetic --partition dirichlet "
                          "--clients 4 --alpha 0.3 --json"),
     Step("train", "egcmf train --data data/synthetic --epochs 20 --out runs/central",

@@ -211,9 +211,9 @@ def _ray_processes() -> set[int]:
 
 
 def _interrupted(cmd: list[str], when: str, sig: int | None = None) -> tuple[int, list[str]]:
-    """Run ``sim/run.py`` with ``cmd``, press Ctrl-C (SIGINT to its process group, as a
-    terminal does) once a line of its output starts with ``when``; its exit status and the
-    lines it printed after."""
+    """Run ``sim/run.py`` with ``cmd`` and, once a line of its output starts with ``when``,
+    press Ctrl-C (SIGINT to its process group, as a terminal does) or send ``sig`` to the
+    process alone (as ``kill PID`` does); its exit status and the lines it printed after."""
     import os
     import signal
     import subprocess
@@ -227,7 +227,10 @@ def _interrupted(cmd: list[str], when: str, sig: int | None = None) -> tuple[int
     for line in proc.stderr:
         if line.startswith(when):
             break
-    os.killpg(proc.pid, sig or signal.SIGINT)
+    if sig is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, sig)
     rest = proc.communicate(timeout=60)[1].splitlines()
     return proc.returncode, rest
 
@@ -285,7 +288,7 @@ def test_ctrl_c_before_a_run_or_in_a_baseline_says_what_is_left(
     assert capsys.readouterr().err.splitlines()[-1] == ("sim/run.py: stopped before the run "
                                                        "began; nothing was written")
     assert not early.exists()
-    term = tmp_path / "term"  # SIGTERM, once Ray has set its own handler for it
+    term = tmp_path / "term"  # kill PID, once Ray has set its own handler for SIGTERM
     code, rest = _interrupted([*COMMON, "--rounds", "6", *data, "--out", str(term)],
                               when="initial model", sig=signal.SIGTERM)
     assert code == 143, rest
