@@ -78,9 +78,10 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> same shape, channels reweighted."""
-        avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
-        peak = self.mlp(x.amax(dim=(2, 3), keepdim=True))
-        return x * torch.sigmoid(avg + peak)
+        # Both descriptors side by side, (B, C, 1, 2): one pass of the MLP instead of two
+        pooled = torch.cat([x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)],
+                           dim=3)
+        return x * torch.sigmoid(self.mlp(pooled).sum(dim=3, keepdim=True))
 
 
 class SpatialAttention(nn.Module):

@@ -12,7 +12,7 @@ from egcmf_model.config import VARIANTS, load_config
 from egcmf_model.fusion import AxialCrossAttention
 from egcmf_model.he_branch import MRFM
 from egcmf_model.network import EGCMF, needs_ck56
-from egcmf_model.saliency import centre_box, grad_cam, window_search
+from egcmf_model.saliency import centre_box, grad_cam, window_means, window_search
 
 TINY = load_config("tiny").model
 
@@ -191,6 +191,20 @@ def test_window_search_picks_the_hottest_box() -> None:
     assert x0 <= 30
     assert x1 >= 40
     assert centre_box(1, (64, 64), 16, torch.device("cpu"))[0].tolist() == [24, 24, 40, 40]
+
+
+@pytest.mark.parametrize(("size", "window", "stride"),
+                         [(512, 128, 32), (64, 16, 4), (100, 24, 6), (96, 40, 6), (70, 8, 8)])
+def test_window_means_are_the_means_of_every_box(size, window, stride) -> None:
+    saliency = torch.rand(2, size, size + 6, generator=torch.Generator().manual_seed(size),
+                          dtype=torch.float64)
+    means = window_means(saliency, window, stride)
+    ny, nx = (size - window) // stride + 1, (size + 6 - window) // stride + 1
+    assert means.shape == (2, ny, nx)
+    for b, i, j in [(0, 0, 0), (1, ny - 1, nx - 1), (1, ny // 2, nx // 3)]:
+        box = saliency[b, i * stride : i * stride + window, j * stride : j * stride + window]
+        assert box.shape == (window, window)
+        assert torch.isclose(means[b, i, j], box.mean(), rtol=1e-12)
 
 
 def test_mrfm_writes_detail_features_exactly_into_the_box() -> None:
