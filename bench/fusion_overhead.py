@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from egcmf_model.config import load_config
-from egcmf_model.engine import build_model, forward, pick_device
+from egcmf_model.engine import build_model, compile_fusion, forward, pick_device
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.vgg_unet import VGGUNet
 
@@ -84,22 +84,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--amp", default="none", choices=("none", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the fusion modules (train.compile; the UNets have none)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its algorithms for each shape first")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = load_config(args.preset).model
     cfg = dataclasses.replace(cfg, in_size=args.size or cfg.in_size, variant="full")
     device = pick_device(args.device)
     batch = batch_of(cfg.in_size, device)
+    loss_fn, compile_s = EGCMFLoss(0.5), None
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:
         batch = {k: v.contiguous(memory_format=layout) if v.dim() == 4 else v
                  for k, v in batch.items()}
     full = build_model(cfg, CLASSES).to(device, memory_format=layout).train()
-    loss_fn = EGCMFLoss(0.5)
+    full_step = train_step(full, torch.optim.Adam(full.parameters()),
+                           lambda m: loss_fn(forward(m, batch), batch)[0], args.amp, device)
+    if args.compile:
+        compile_fusion(full, True)
+        started = time.perf_counter()
+        full_step()
+        compile_s = round(time.perf_counter() - started, 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t_full = timed(train_step(full, torch.optim.Adam(full.parameters()),
-                              lambda m: loss_fn(forward(m, batch), batch)[0], args.amp, device),
-                   args.steps, device)
+    t_full = timed(full_step, args.steps, device)
     peak = peak_gib(device)
     math_calls = sdpa_math_calls(full, batch)
     del full
@@ -126,6 +136,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(json.dumps({"preset": args.preset, "size": cfg.in_size, "device": name, "batch": 2,
                       "amp": args.amp, "channels_last": args.channels_last,
+                      "cudnn_benchmark": args.cudnn_benchmark,
+                      "compile": args.compile, "compile_s": compile_s,
                       "full_step_s": round(t_full, 4), "unets_alone_s": {k: round(v, 4) for k, v
                                                                           in times.items()},
                       "sum_unets_s": round(total, 4), "overhead": round(t_full / total - 1, 3),

@@ -7,6 +7,11 @@
 #   fusion   train step of `full` at 512 px (batch 2) against its four VGG-UNets, each option
 #            alone and both: plain, bf16 autocast, channels-last; peak GPU memory of the `full`
 #            step (Adam state included) is `peak_gpu_gib` (target <= 20 GiB, the paper's 24 GB card)
+#   breakdown  where the `full` step's time goes (bench/fusion_breakdown.py): each variant's step,
+#            each fusion part alone, some parts compiled, the profiler's kernel tables; then
+#            the fusion overhead with cuDNN's autotuning on
+#   compile  the fusion overhead with the fusion modules compiled (train.compile), bf16 and
+#            channels-last, against the same options without; then the compile GPU test
 #   amp      bf16 accuracy: the same training (12 epochs, seeds 0 and 1 side by side) in float32
 #            and bf16 on synthetic data, and float32 twice more, test Dice (accurate when
 #            within 0.005, read against the drift of two float32 trainings);
@@ -30,6 +35,25 @@ for part in $PARTS; do
         python bench/fusion_overhead.py --preset paper --device cuda --steps 10 $opts \
           2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/fusion.jsonl"
       done ;;
+    breakdown)
+      timeout 200 python bench/fusion_breakdown.py --preset paper --device cuda --steps 8 \
+        --amp bf16 --channels-last --cudnn-benchmark --profile "$OUT/profile_bf16_cl.txt" \
+        --compile grad_cam ck56_branch.edfm.0 fusion.levels.3 fusion.levels.2 \
+        2>>"$OUT/log.txt" | tee -a "$OUT/breakdown.jsonl"
+      timeout 100 python bench/fusion_breakdown.py --preset paper --device cuda --steps 8 \
+        --profile "$OUT/profile_fp32.txt" 2>>"$OUT/log.txt" | tee -a "$OUT/breakdown.jsonl"
+      for opts in "--cudnn-benchmark" "--amp bf16 --channels-last --cudnn-benchmark"; do
+        # shellcheck disable=SC2086
+        timeout 80 python bench/fusion_overhead.py --preset paper --device cuda --steps 10 $opts \
+          2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/fusion.jsonl"
+      done ;;
+    compile)
+      timeout 220 python bench/fusion_overhead.py --preset paper --device cuda --steps 10 \
+        --amp bf16 --channels-last --compile 2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/fusion.jsonl"
+      timeout 60 python bench/fusion_overhead.py --preset paper --device cuda --steps 10 \
+        --amp bf16 --channels-last 2>>"$OUT/log.txt" | tail -n 1 | tee -a "$OUT/fusion.jsonl"
+      timeout 110 python -m pytest -q -m gpu tests/test_training.py -k compiled 2>&1 | tail -n 5 \
+        | tee "$OUT/tests.txt" ;;
     amp)
       for seed in 0 1; do  # one process per seed, at once
         python bench/amp_accuracy.py --epochs 12 --control --seeds "$seed" --out "/tmp/amp_s$seed" \
@@ -57,6 +81,6 @@ for part in $PARTS; do
         --out /tmp/run_paper 2>&1 | grep -vE "it/s\]|s/it\]" | tail -n 30 | tee "$OUT/train.txt" ;;
     tests)
       python -m pytest -q -m gpu tests/test_training.py tests/test_determinism.py 2>&1 | tail -n 5 | tee "$OUT/tests.txt" ;;
-    *) echo "unknown part $part (fusion, amp, ablation, profile, train, tests)" >&2; exit 2 ;;
+    *) echo "unknown part $part (fusion, breakdown, compile, amp, ablation, profile, train, tests)" >&2; exit 2 ;;
   esac
 done

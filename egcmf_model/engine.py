@@ -19,8 +19,10 @@ from torch import nn
 from tqdm import tqdm
 
 from . import determinism
+from .ck56_branch import EDFM
 from .config import Config, ModelConfig, PrivacyConfig, TrainConfig
 from .data.transforms import tumour_ids
+from .fusion import FusionLevel
 from .losses import EGCMFLoss
 from .metrics import SegmentationMetrics
 from .network import EGCMF
@@ -148,16 +150,22 @@ def lr_schedule(optimizer: torch.optim.Optimizer, kind: str,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+COMPILED = (EDFM, FusionLevel)  # the fusion modules: many small memory-bound operations
+RECOMPILE_LIMIT = 32  # graphs per module code: each level's shapes, in training and evaluation
+
+
 @dataclass(frozen=True)
 class GpuSpeed:
-    """Speed options that apply on a GPU only (``train.amp``, ``train.channels_last``)."""
+    """Speed options that apply on a GPU only (``train.amp``, ``train.channels_last``,
+    ``train.compile``)."""
 
     amp: str = "none"  # "bf16": autocast the forward pass and the loss to bfloat16
     channels_last: bool = False  # NHWC memory for the network and its inputs
+    compile: bool = False  # the fusion modules compiled (torch.compile), one graph per shape
 
     @classmethod
     def of(cls, train: TrainConfig) -> GpuSpeed:
-        return cls(train.amp, train.channels_last)
+        return cls(train.amp, train.channels_last, train.compile)
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if device.type == "cuda" and self.amp == "bf16":
@@ -170,6 +178,7 @@ class GpuSpeed:
         with other options, say) left channels-last."""
         layout = (torch.channels_last if device.type == "cuda" and self.channels_last
                   else torch.contiguous_format)
+        compile_fusion(model, device.type == "cuda" and self.compile)
         return model.to(memory_format=layout)
 
     def batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -178,6 +187,22 @@ class GpuSpeed:
             return {k: v.contiguous(memory_format=torch.channels_last)
                     if torch.is_tensor(v) and v.dim() == 4 else v for k, v in batch.items()}
         return batch
+
+
+def compile_fusion(model: nn.Module, on: bool) -> None:
+    """Compile the fusion modules of ``model`` in place (their weights and state dict keys stay
+    as they are), or, with ``on`` false, run them eagerly again: under DP-SGD, Opacus needs
+    every layer called as itself."""
+    if on:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   RECOMPILE_LIMIT)
+    for module in model.modules():
+        if not isinstance(module, COMPILED):
+            continue
+        if on and module._compiled_call_impl is None:
+            module.compile(dynamic=False)
+        elif not on:
+            module._compiled_call_impl = None
 
 
 def train_epoch(

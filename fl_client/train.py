@@ -175,9 +175,10 @@ def stand_in_update(model: torch.nn.Module, seed: int, scale: float = STAND_IN_S
 
 
 def training_speed(cfg: Config) -> GpuSpeed:
-    """The GPU speed options a site trains with: ``train.amp`` and ``train.channels_last``, but
-    neither under DP-SGD. Opacus computes a convolution's per-sample gradients from its input
-    read as standard (NCHW) memory: from channels-last memory they come out wrong. Under bf16
+    """The GPU speed options a site trains with: ``train.amp``, ``train.channels_last`` and
+    ``train.compile``, but none under DP-SGD. Opacus needs every layer called as itself, and
+    it computes a convolution's per-sample gradients from its input read as standard (NCHW)
+    memory: from channels-last memory they come out wrong. Under bf16
     autocast it clips per-sample gradients held in bf16, and one sample's clipped gradient
     measured up to 0.4 % above the clipping norm that the accounting assumes."""
     return GpuSpeed() if cfg.dp.enabled else GpuSpeed.of(cfg.train)

@@ -16,7 +16,7 @@ from opacus.accountants import RDPAccountant
 from egcmf_model.config import VARIANTS, PrivacyConfig, load_config
 from egcmf_model.data.source import open_sites
 from egcmf_model.data.synthetic import write_synthetic
-from egcmf_model.engine import build_model, forward, pick_device, train_epoch
+from egcmf_model.engine import build_model, compile_fusion, forward, pick_device, train_epoch
 from egcmf_model.losses import EGCMFLoss
 from egcmf_model.trainer import make_loader
 from fl_client.privacy import (
@@ -305,19 +305,23 @@ def test_dp_sgd_trains_in_float32_and_the_memory_layout_opacus_needs(synth_root:
     memory they come out wrong (the test above fails on a channels-last network and batch).
     Under bf16 autocast it clips per-sample gradients held in bf16, and one sample's clipped
     gradient measured 1.0037 times the clipping norm: more than the accounting assumes."""
-    fast = ["train.channels_last=true", "train.amp=bf16"]
+    fast = ["train.channels_last=true", "train.amp=bf16", "train.compile=true"]
     plain = training_speed(load_config("tiny", overrides=fast))
     private = training_speed(load_config("tiny", overrides=[*fast, "model.norm=group",
                                                             "dp.enabled=true"]))
-    assert (plain.channels_last, plain.amp) == (True, "bf16")
-    assert (private.channels_last, private.amp) == (False, "none")
-    # a network that an evaluation with the speed options left channels-last (a site evaluates
-    # the model it receives, then trains on it) goes back to standard memory to train
+    assert (plain.channels_last, plain.amp, plain.compile) == (True, "bf16", True)
+    assert (private.channels_last, private.amp, private.compile) == (False, "none", False)
+    # a network that an evaluation with the speed options left channels-last and compiled (a
+    # site evaluates the model it receives, then trains on it) goes back to standard memory
+    # and to layers called as themselves, which Opacus's hooks need, to train
     cfg = load_config("tiny", overrides=["model.norm=group"])
     model = build_model(cfg.model, ("background", "tumour")).to(memory_format=torch.channels_last)
+    compile_fusion(model, True)
     assert not all(p.is_contiguous() for p in model.parameters())
+    assert sum(m._compiled_call_impl is not None for m in model.modules()) == 8
     private.place(model, torch.device("cpu"))
     assert all(p.is_contiguous() for p in model.parameters())
+    assert all(m._compiled_call_impl is None for m in model.modules())
     dp, source, model = _setup(synth_root)
     model.to(memory_format=torch.channels_last)
     local_train(model, source.split("train"), source.classes, dp, pick_device("cpu"), seed=1,

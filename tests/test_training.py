@@ -307,11 +307,13 @@ def test_gpu_speed_options_change_nothing_on_the_cpu(synth_root: Path) -> None:
     from egcmf_model.engine import GpuSpeed
 
     plain, a = _one_step(synth_root, "cpu", GpuSpeed())
-    fast, b = _one_step(synth_root, "cpu", GpuSpeed(amp="bf16", channels_last=True))
+    fast, b = _one_step(synth_root, "cpu", GpuSpeed(amp="bf16", channels_last=True, compile=True))
     assert plain == fast
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                   b.state_dict().values(), strict=True))
+    assert all(m._compiled_call_impl is None for m in b.modules())
     assert load_config("tiny").train.amp == "none"
+    assert not load_config("tiny").train.compile
 
 
 @pytest.mark.gpu
@@ -326,6 +328,27 @@ def test_bf16_autocast_and_channels_last_train_on_a_gpu(synth_root: Path) -> Non
     assert abs(fast["loss"] - plain["loss"]) < 0.05 * abs(plain["loss"])
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)  # compiling takes minutes: each module for training, then evaluation
+def test_compiled_fusion_modules_train_and_evaluate_on_a_gpu(synth_root: Path) -> None:
+    from egcmf_model.engine import COMPILED, GpuSpeed, evaluate
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    plain, _ = _one_step(synth_root, "cuda", GpuSpeed())
+    fast, model = _one_step(synth_root, "cuda", GpuSpeed(compile=True))
+    fusion = [m for m in model.modules() if isinstance(m, COMPILED)]
+    assert len(fusion) == 8  # four EDFM, four MSFFM levels
+    assert all(m._compiled_call_impl is not None for m in fusion)
+    assert abs(fast["loss"] - plain["loss"]) < 1e-3 * abs(plain["loss"])
+    batch, classes = _batch(synth_root)
+    result = evaluate(model, [batch], classes, torch.device("cuda"), EGCMFLoss(0.5),
+                      GpuSpeed(compile=True))
+    assert np.isfinite(result["loss"])
+    assert set(model.state_dict()) == set(build_model(load_config("tiny").model,
+                                                      classes).state_dict())
 
 
 def test_the_benchmark_stand_in_moves_every_weight_alike_in_any_memory_layout() -> None:
