@@ -78,10 +78,13 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> same shape, channels reweighted."""
-        # Both descriptors side by side, (B, C, 1, 2): one pass of the MLP instead of two
+        # Both descriptors side by side, (B, C, 1, 2): one pass of the MLP instead of two. The
+        # two halves are added, not summed: bf16 autocast runs sum() in float32, which would
+        # turn every gated map float32
         pooled = torch.cat([x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)],
                            dim=3)
-        return x * torch.sigmoid(self.mlp(pooled).sum(dim=3, keepdim=True))
+        both = self.mlp(pooled)
+        return x * torch.sigmoid(both[..., :1] + both[..., 1:])
 
 
 class SpatialAttention(nn.Module):

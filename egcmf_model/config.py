@@ -94,8 +94,8 @@ class TrainConfig:
     amp: str = field(default="none", metadata=_choice("none", "bf16"))
     # channels-last memory on a GPU (ignored on the CPU, and in training under DP-SGD)
     channels_last: bool = False
-    # the fusion modules compiled on a GPU with torch.compile, a minute or two at the first
-    # step and at the first evaluation (ignored on the CPU, and in training under DP-SGD)
+    # the fusion modules compiled for training on a GPU with torch.compile, a minute or two
+    # before the first step (ignored on the CPU, and under DP-SGD)
     compile: bool = False
     keep_norm_local: bool = False  # FedBN: each site keeps its own normalisation layers
 

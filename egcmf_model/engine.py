@@ -151,7 +151,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, kind: str,
 
 
 COMPILED = (EDFM, FusionLevel)  # the fusion modules: many small memory-bound operations
-RECOMPILE_LIMIT = 32  # graphs per module code: each level's shapes, in training and evaluation
+RECOMPILE_LIMIT = 32  # graphs per module kind: 4 levels x a few input shapes and layouts
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,9 @@ class GpuSpeed:
 
     amp: str = "none"  # "bf16": autocast the forward pass and the loss to bfloat16
     channels_last: bool = False  # NHWC memory for the network and its inputs
-    compile: bool = False  # the fusion modules compiled (torch.compile), one graph per shape
+    # the fusion modules compiled (torch.compile) for training, one graph per shape;
+    # evaluation, whose last batch may be of any size, runs them uncompiled
+    compile: bool = False
 
     @classmethod
     def of(cls, train: TrainConfig) -> GpuSpeed:
@@ -189,18 +191,19 @@ class GpuSpeed:
         return batch
 
 
-def compile_fusion(model: nn.Module, on: bool) -> None:
+def compile_fusion(model: nn.Module, on: bool, backend: str = "inductor") -> None:
     """Compile the fusion modules of ``model`` in place (their weights and state dict keys stay
     as they are), or, with ``on`` false, run them eagerly again: under DP-SGD, Opacus needs
-    every layer called as itself."""
-    if on:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   RECOMPILE_LIMIT)
+    every layer called as itself. Graphs already made are reused when compiled again."""
+    if on:  # the modules of a kind share one cache: four levels per shape and mode
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for module in model.modules():
         if not isinstance(module, COMPILED):
             continue
         if on and module._compiled_call_impl is None:
-            module.compile(dynamic=False)
+            module.compile(dynamic=False, backend=backend)
         elif not on:
             module._compiled_call_impl = None
 
@@ -263,7 +266,7 @@ def evaluate(
     speed: GpuSpeed = GpuSpeed(),
 ) -> dict[str, Any]:
     """The paper's metrics on ``loader`` plus the mean loss and ``num-examples``."""
-    speed.place(model, device).eval()
+    dataclasses.replace(speed, compile=False).place(model, device).eval()
     metrics = SegmentationMetrics(classes)
     loss_sum, seen = 0.0, 0
     for batch in loader:

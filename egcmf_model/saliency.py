@@ -79,9 +79,9 @@ def window_means(saliency: torch.Tensor, window: int, stride: int) -> torch.Tens
     """``(B, ny, nx)`` mean of every ``window`` x ``window`` box at steps of ``stride``.
 
     Every box is a union of g x g blocks on the grid of g = gcd(window, stride), so the box
-    means are the means of the block means: each pixel is read once, where pooling with the
-    box itself reads it (window / stride)^2 times, one box per GPU thread (2.8 ms per step at
-    the paper's 512 px, against a few microseconds in two stages).
+    means are the means of the block means, up to rounding: each pixel is read once, where
+    pooling with the box itself reads it (window / stride)^2 times, one box per GPU thread
+    (2.8 ms per step at the paper's 512 px on an H100).
     """
     g = math.gcd(window, stride)
     blocks = F.avg_pool2d(saliency.unsqueeze(1), g)
