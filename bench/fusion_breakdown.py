@@ -1,6 +1,6 @@
 """Where the `full` training step's time goes: each variant's step, then each fusion part alone.
 
-Three tables, one JSON line each (the last line sums them up):
+Three tables, one JSON line each, the compiled parts one line each (the last line sums up):
 
 - ``variants``: one training step (forward, backward, Adam; batch 2) of ``unet``, ``mrfm``,
   ``mrfm+edm`` and ``full``: the differences price the detail branch with Grad-CAM and MRFM,
@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--compile", nargs="*", metavar="PART",
-                        help="also time these parts compiled (all fusion parts if none named)")
+                        help="also time these parts compiled (if none named: Grad-CAM, each EDFM, "
+                             "each MSFFM level and its attention)")
     parser.add_argument("--profile", help="write the full step's kernel table to this file")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark

@@ -1,9 +1,10 @@
 """Train-step time of the `full` network vs the sum of its four VGG-UNets trained alone.
 
 The fusion modules (MRFM, EDFM, MSFFM), Grad-CAM and the second decoder pass should add no more
-than 30 % to the cost of the four encoder-decoders on a GPU, 50 % on the CPU. Each option is
-measured alone: ``--amp bf16`` (autocast), ``--channels-last``. The peak GPU memory is that of
-the ``full`` step alone.
+than 30 % to the cost of the four encoder-decoders on a GPU, 50 % on the CPU. The options, each
+measurable alone: ``--amp bf16`` (autocast), ``--channels-last``, ``--compile`` (the fusion
+modules compiled, as ``train.compile`` does on a GPU; here on any device), ``--cudnn-benchmark``.
+The peak GPU memory is that of the ``full`` step alone.
 
     python bench/fusion_overhead.py --preset tiny --size 128 --device cpu --steps 5
     python bench/fusion_overhead.py --preset paper --device cuda --steps 10 --amp bf16
@@ -85,7 +86,8 @@ def main() -> None:
     parser.add_argument("--amp", default="none", choices=("none", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the fusion modules (train.compile; the UNets have none)")
+                        help="compile the fusion modules, as train.compile does on a GPU "
+                             "(the UNets have none)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its algorithms for each shape first")
     args = parser.parse_args()

@@ -95,7 +95,8 @@ class TrainConfig:
     # channels-last memory on a GPU (ignored on the CPU, and in training under DP-SGD)
     channels_last: bool = False
     # the fusion modules compiled for training on a GPU with torch.compile, a minute or two
-    # before the first step (ignored on the CPU, and under DP-SGD)
+    # before the first step of each process (ignored on the CPU, under DP-SGD and with
+    # train.deterministic)
     compile: bool = False
     keep_norm_local: bool = False  # FedBN: each site keeps its own normalisation layers
 

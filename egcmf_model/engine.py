@@ -151,7 +151,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, kind: str,
 
 
 COMPILED = (EDFM, FusionLevel)  # the fusion modules: many small memory-bound operations
-RECOMPILE_LIMIT = 32  # graphs per module kind: 4 levels x a few input shapes and layouts
+RECOMPILE_LIMIT = 32  # graphs of all eight fusion modules together: 8 per input shape,
+# memory layout and precision, so four such combinations in one process
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,9 @@ class GpuSpeed:
 
     @classmethod
     def of(cls, train: TrainConfig) -> GpuSpeed:
-        return cls(train.amp, train.channels_last, train.compile)
+        """``train``'s options; no compiling under ``train.deterministic``, whose bitwise
+        reproducibility is shown for the eager network alone."""
+        return cls(train.amp, train.channels_last, train.compile and not train.deterministic)
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if device.type == "cuda" and self.amp == "bf16":
@@ -177,7 +180,8 @@ class GpuSpeed:
     def place(self, model: nn.Module, device: torch.device) -> nn.Module:
         """``model`` in the memory format to use on ``device``: channels-last where asked, on a
         GPU; otherwise the standard one, also for a model that an earlier call (an evaluation
-        with other options, say) left channels-last."""
+        with other options, say) left channels-last. Its fusion modules compiled where asked,
+        on a GPU; otherwise run eagerly, also where an earlier call compiled them."""
         layout = (torch.channels_last if device.type == "cuda" and self.channels_last
                   else torch.contiguous_format)
         compile_fusion(model, device.type == "cuda" and self.compile)
@@ -191,11 +195,11 @@ class GpuSpeed:
         return batch
 
 
-def compile_fusion(model: nn.Module, on: bool, backend: str = "inductor") -> None:
+def compile_fusion(model: nn.Module, on: bool, backend: str | Callable = "inductor") -> None:
     """Compile the fusion modules of ``model`` in place (their weights and state dict keys stay
     as they are), or, with ``on`` false, run them eagerly again: under DP-SGD, Opacus needs
     every layer called as itself. Graphs already made are reused when compiled again."""
-    if on:  # the modules of a kind share one cache: four levels per shape and mode
+    if on:  # all compiled modules share one cache and its limit
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))

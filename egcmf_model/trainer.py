@@ -91,7 +91,7 @@ def fit(cfg: Config, out: Path, resume: bool = False, source: DataSource | None 
         log.info("resuming after epoch %d of %d (best val Dice %.4f)", start, cfg.train.epochs,
                  best)
     out.mkdir(parents=True, exist_ok=True)
-    speed = GpuSpeed.of(cfg.train)  # bf16 autocast, channels-last: on a GPU only
+    speed = GpuSpeed.of(cfg.train)  # bf16 autocast, channels-last, compile: on a GPU only
     for epoch in range(start + 1, cfg.train.epochs + 1):
         train_loader.dataset.set_epoch(epoch)
         stats = train_epoch(model, train_loader, optimizer, device, loss_fn,

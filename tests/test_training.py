@@ -303,7 +303,8 @@ def _one_step(root: Path, device: str, speed) -> tuple[dict[str, float], torch.n
 
 
 def test_gpu_speed_options_change_nothing_on_the_cpu(synth_root: Path) -> None:
-    """train.amp=bf16 and train.channels_last are GPU options: the CPU trains as without."""
+    """train.amp=bf16, train.channels_last and train.compile are GPU options: the CPU trains
+    as without, its fusion modules uncompiled."""
     from egcmf_model.engine import GpuSpeed
 
     plain, a = _one_step(synth_root, "cpu", GpuSpeed())
@@ -314,6 +315,11 @@ def test_gpu_speed_options_change_nothing_on_the_cpu(synth_root: Path) -> None:
     assert all(m._compiled_call_impl is None for m in b.modules())
     assert load_config("tiny").train.amp == "none"
     assert not load_config("tiny").train.compile
+    # bitwise reproducibility is shown for the eager network: deterministic runs do not compile
+    asked = ["train.compile=true"]
+    assert GpuSpeed.of(load_config("tiny", overrides=asked).train).compile
+    assert not GpuSpeed.of(load_config("tiny", overrides=[*asked, "train.deterministic=true"]
+                                       ).train).compile
 
 
 @pytest.mark.gpu
@@ -338,7 +344,10 @@ def test_bf16_autocast_and_channels_last_train_on_a_gpu(synth_root: Path) -> Non
 
 def _eager_and_compiled_step(root: Path, device: str, backend: str) -> list[tuple]:
     """One forward, backward and SGD step of the same network run eagerly and with its fusion
-    modules compiled: ``(loss, gradients, state dict after the step)`` of each."""
+    modules compiled: ``(loss, gradients, state dict after the step)`` of each; checks that
+    the compiled run did run compiled graphs, one per fusion module at least."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     from egcmf_model.engine import compile_fusion
 
     batch, classes = _batch(root)
@@ -348,7 +357,8 @@ def _eager_and_compiled_step(root: Path, device: str, backend: str) -> list[tupl
     eager = build_model(cfg, classes).to(device).train()
     compiled = build_model(cfg, classes).to(device).train()
     compiled.load_state_dict(eager.state_dict())
-    compile_fusion(compiled, True, backend=backend)
+    counter = CompileCounterWithBackend(backend)
+    compile_fusion(compiled, True, backend=counter)
     after = []
     for model in (eager, compiled):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradient
@@ -357,6 +367,7 @@ def _eager_and_compiled_step(root: Path, device: str, backend: str) -> list[tupl
         grads = [p.grad.clone() for p in model.parameters()]
         optimizer.step()
         after.append((loss.detach(), grads, model.state_dict()))
+    assert counter.frame_count >= 8  # four EDFM, four MSFFM levels: none fell back to eager
     return after
 
 
