@@ -397,6 +397,18 @@ def test_compiled_fusion_modules_compute_what_the_eager_ones_do(synth_root: Path
     _assert_same_step(_eager_and_compiled_step(synth_root, "cpu", "aot_eager"), 1e-4, 1e-6)
 
 
+def test_compiling_without_a_c_compiler_is_refused_in_one_line(monkeypatch) -> None:
+    from egcmf_model import engine
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    model = build_model(load_config("tiny").model, ("background", "tumour"))
+    with pytest.raises(ValueError, match=r"train.compile needs a C compiler .* leave "
+                                         r"train.compile off"):
+        engine.GpuSpeed(compile=True).place(model, torch.device("cuda"))
+    engine.GpuSpeed(compile=True).place(model, torch.device("cpu"))  # the CPU ignores it
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(900)  # compiling takes minutes: each module, forward and backward
 def test_compiled_fusion_modules_train_and_evaluate_on_a_gpu(synth_root: Path) -> None:
