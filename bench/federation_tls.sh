@@ -11,15 +11,19 @@
 # counters), peak memory of the centre's and of one site's process tree; then the ratios.
 #   bash bench/federation_tls.sh 2
 #   ROUNDS=2 VARIANTS="float32 no-front" bash bench/federation_tls.sh 5
+# Every process gets one CPU thread (OMP_NUM_THREADS, unless set): the centre and all the
+# sites share this one machine, where each would otherwise run as many PyTorch threads as it
+# has cores, and the oversubscribed pools slow every round; bare Flower's numpy runs one.
 set -euo pipefail
 SITES=${1:-2}; ROUNDS=${ROUNDS:-5}; VARIANTS=${VARIANTS:-"baseline float32 float16"}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/paper_common.sh" flower_deploy_baseline.py  # BASELINE, PARAMS, WORK
 names=$(seq -f "site%g" 1 "$SITES" | paste -sd, -)
 # 256 px ROIs: at 64 px the registration check at the site can misread the 1 µm jitter
 egcmf synth --out "$WORK/data" --sites "$SITES" --rois-per-site 2 --size 256 2>/dev/null
 fl-server certs --out "$WORK/certs" --sites "$names" 2>/dev/null
-echo "{\"sites\": $SITES, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
+echo "{\"sites\": $SITES, \"rounds\": $ROUNDS, \"params\": $PARAMS, \"threads\": $OMP_NUM_THREADS, \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
 
 baseline() {
   python "$BASELINE" --certs "$WORK/certs" --sites "$SITES" --arrays 50 \
