@@ -18,34 +18,27 @@ Three tables, one JSON line each, the compiled parts one line each (the last lin
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import time
 from collections.abc import Callable
 
 import torch
-from fusion_overhead import CLASSES, batch_of, train_step
+from fusion_overhead import (
+    CLASSES,
+    autocast,
+    batch_of,
+    laid_out,
+    step_options,
+    timed,
+    train_step,
+)
 
 from egcmf_model.config import load_config
 from egcmf_model.engine import build_model, forward, pick_device
 from egcmf_model.losses import EGCMFLoss
 
 VARIANTS = ("unet", "mrfm", "mrfm+edm", "full")
-
-
-def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    """Mean seconds of ``step`` after two warm-up calls."""
-    for _ in range(2):
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / steps
 
 
 def tensors_in(value) -> list[torch.Tensor]:
@@ -89,14 +82,14 @@ def capture(model, batch, names: list[str]) -> dict[str, tuple]:
     return seen
 
 
-def part_step(fn, args, autocast) -> Callable[[], None]:
+def part_step(fn, args, amp: str, device: torch.device) -> Callable[[], None]:
     """Forward and backward of ``fn(*args)`` against a fixed random output gradient."""
-    with autocast():
+    with autocast(amp, device):
         outs = tensors_in(fn(*args))
     grads = [torch.randn_like(o, dtype=torch.float32) for o in outs]
 
     def step() -> None:
-        with autocast():
+        with autocast(amp, device):
             outs = tensors_in(fn(*args))
         loss = sum((o.float() * g).sum() for o, g in zip(outs, grads, strict=True)
                    if o.requires_grad)
@@ -106,14 +99,7 @@ def part_step(fn, args, autocast) -> Callable[[], None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--size", type=int, help="10x input side (default: the preset's)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--amp", default="none", choices=("none", "bf16"))
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser = step_options(__doc__.splitlines()[0])
     parser.add_argument("--compile", nargs="*", metavar="PART",
                         help="also time these parts compiled (if none named: Grad-CAM, each EDFM, "
                              "each MSFFM level and its attention)")
@@ -124,10 +110,7 @@ def main() -> None:
     device = pick_device(args.device)
     size = args.size or base.in_size
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = {k: v.contiguous(memory_format=layout) if v.dim() == 4 else v
-             for k, v in batch_of(size, device).items()}
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
-                else contextlib.nullcontext)
+    batch = laid_out(batch_of(size, device), layout)
     mode = {"preset": args.preset, "size": size, "amp": args.amp,
             "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -139,7 +122,7 @@ def main() -> None:
         model = build_model(cfg, CLASSES).to(device, memory_format=layout).train()
         step = train_step(model, torch.optim.Adam(model.parameters()),
                           lambda m: loss_fn(forward(m, batch), batch)[0], args.amp, device)
-        variants[variant] = round(timed(step, args.steps, device), 4)
+        variants[variant] = round(timed(step, args.steps, device, warmup=2), 4)
         if variant != "full":
             del model, step
     print(json.dumps({**mode, "variants_s": variants}), flush=True)
@@ -166,12 +149,13 @@ def main() -> None:
              *(f"ck56_branch.edfm.{i}" for i in range(levels)),
              *(f"fusion.levels.{i}" for i in range(levels)),
              *(f"fusion.levels.{i}.axial" for i in range(levels))]
-    with autocast():  # the parts see what they see in training (bf16 under autocast)
+    with autocast(args.amp, device):  # the parts see what training feeds them (bf16 or not)
         inputs = capture(model, batch, names)
     modules = dict(model.named_modules())
     saliency = model.he_branch.saliency
     call = {n: modules[n] for n in names} | {"grad_cam": saliency}
-    parts = {n: round(timed(part_step(call[n], inputs[n], autocast), args.steps, device), 5)
+    parts = {n: round(timed(part_step(call[n], inputs[n], args.amp, device), args.steps,
+                            device, warmup=2), 5)
              for n in ["grad_cam", *names]}
     print(json.dumps({**mode, "parts_s": parts}), flush=True)
 
@@ -180,10 +164,10 @@ def main() -> None:
         for n in args.compile or ["grad_cam", *names[4:]]:
             started = time.perf_counter()
             fn = torch.compile(call[n])
-            step = part_step(fn, inputs[n], autocast)
+            step = part_step(fn, inputs[n], args.amp, device)
             step()
             compile_s = time.perf_counter() - started
-            compiled[n] = {"s": round(timed(step, args.steps, device), 5),
+            compiled[n] = {"s": round(timed(step, args.steps, device, warmup=2), 5),
                            "compile_s": round(compile_s, 1)}
             print(json.dumps({n: compiled[n]}), flush=True)
     sums = {"edfm": sum(parts[f"ck56_branch.edfm.{i}"] for i in range(levels)),

@@ -39,8 +39,17 @@ def batch_of(size: int, device: torch.device, b: int = 2) -> dict[str, torch.Ten
             "edge_target": torch.randint(0, 2, (b, size, size), generator=g).float().to(device)}
 
 
-def timed(step, steps: int, device: torch.device) -> float:
-    step()  # warm-up (allocations, cuDNN autotuning)
+def laid_out(batch: dict[str, torch.Tensor], layout: torch.memory_format
+             ) -> dict[str, torch.Tensor]:
+    """The batch's images in ``layout`` (channels-last or the standard one)."""
+    return {k: v.contiguous(memory_format=layout) if v.dim() == 4 else v
+            for k, v in batch.items()}
+
+
+def timed(step, steps: int, device: torch.device, warmup: int = 1) -> float:
+    """Mean seconds of ``step`` after ``warmup`` calls (allocations, cuDNN autotuning)."""
+    for _ in range(warmup):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -51,12 +60,15 @@ def timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16"
+            else contextlib.nullcontext())
+
+
 def train_step(model, optimizer, loss_of, amp: str, device: torch.device):
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16"
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast(amp, device):
             loss = loss_of(model)
         loss.backward()
         optimizer.step()
@@ -77,19 +89,25 @@ def peak_gib(device: torch.device) -> float | None:
             else None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_options(description: str) -> argparse.ArgumentParser:
+    """The options of a training step's measurement: model size, device, precision, layout."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--size", type=int, help="10x input side (default: the preset's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--amp", default="none", choices=("none", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its algorithms for each shape first")
+    return parser
+
+
+def main() -> None:
+    parser = step_options(__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true",
                         help="compile the fusion modules, as train.compile does on a GPU "
                              "(the UNets have none)")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="let cuDNN time its algorithms for each shape first")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = load_config(args.preset).model
@@ -98,9 +116,7 @@ def main() -> None:
     batch = batch_of(cfg.in_size, device)
     loss_fn, compile_s = EGCMFLoss(0.5), None
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    if args.channels_last:
-        batch = {k: v.contiguous(memory_format=layout) if v.dim() == 4 else v
-                 for k, v in batch.items()}
+    batch = laid_out(batch, layout)
     full = build_model(cfg, CLASSES).to(device, memory_format=layout).train()
     full_step = train_step(full, torch.optim.Adam(full.parameters()),
                            lambda m: loss_fn(forward(m, batch), batch)[0], args.amp, device)

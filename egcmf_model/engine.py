@@ -206,11 +206,12 @@ def compile_fusion(model: nn.Module, on: bool, backend: str | Callable = "induct
     """Compile the fusion modules of ``model`` in place (their weights and state dict keys stay
     as they are), or, with ``on`` false, run them eagerly again: under DP-SGD, Opacus needs
     every layer called as itself. Graphs already made are reused when compiled again."""
-    if on and backend == "inductor" and not c_compiler():
-        raise ValueError("train.compile needs a C compiler on this machine (gcc or clang, or "
-                         "one named by $CC), with which torch.compile builds its GPU kernels' "
-                         "launchers: install one, or leave train.compile off")
-    if on:  # all compiled modules share one cache and its limit
+    if on:
+        if backend == "inductor" and not c_compiler():
+            raise ValueError("train.compile needs a C compiler on this machine (gcc or clang, "
+                             "or one named by $CC), with which torch.compile builds its GPU "
+                             "kernels' launchers: install one, or leave train.compile off")
+        # all compiled modules share one cache and its limit
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
